@@ -1,0 +1,1 @@
+"""RETINA building blocks referenced by the bundle configs via ``_target_``."""
