@@ -1,0 +1,249 @@
+"""Reading, converting and transferring TransUNet weights.
+
+Our checkpoint format is a plain ``TransUNet.state_dict()``. The authors' released RETINA
+checkpoints (BaderLab/RETINA, built on Beckschen/TransUNet) use another key layout; they are
+recognised and converted on the fly, so either kind loads wherever a checkpoint is accepted.
+Every load goes through ``torch.load(weights_only=True)``: a pickle never executes code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .transunet import resample_position_embeddings
+
+__all__ = [
+    "CheckpointError",
+    "convert_reference_state_dict",
+    "is_reference_state_dict",
+    "read_state_dict",
+    "load_weights",
+    "transfer_pretrained",
+    "freeze_part",
+    "save_state_dict",
+    "TRANSFER_MODES",
+    "FREEZE_MODES",
+]
+
+logger = logging.getLogger(__name__)
+
+POS_KEY = "embeddings.position_embeddings"
+TRANSFER_MODES = ("encoder", "transformer", "none")
+FREEZE_MODES = ("transformer", "none")
+
+# authors' key pattern -> ours (applied in order, first match wins)
+_REFERENCE_RULES = [
+    (r"^transformer\.embeddings\.hybrid_model\.", "cnn."),
+    (r"^transformer\.embeddings\.patch_embeddings\.", "embeddings.patch_embeddings."),
+    (r"^transformer\.embeddings\.position_embeddings$", POS_KEY),
+    (r"^transformer\.encoder\.encoder_norm\.", "transformer.norm."),
+    (r"^transformer\.encoder\.layer\.(\d+)\.attention_norm\.", r"transformer.blocks.\1.norm1."),
+    (r"^transformer\.encoder\.layer\.(\d+)\.ffn_norm\.", r"transformer.blocks.\1.norm2."),
+    (r"^transformer\.encoder\.layer\.(\d+)\.ffn\.fc1\.", r"transformer.blocks.\1.mlp.linear1."),
+    (r"^transformer\.encoder\.layer\.(\d+)\.ffn\.fc2\.", r"transformer.blocks.\1.mlp.linear2."),
+    (r"^transformer\.encoder\.layer\.(\d+)\.attn\.query\.", r"transformer.blocks.\1.attn.to_q."),
+    (r"^transformer\.encoder\.layer\.(\d+)\.attn\.key\.", r"transformer.blocks.\1.attn.to_k."),
+    (r"^transformer\.encoder\.layer\.(\d+)\.attn\.value\.", r"transformer.blocks.\1.attn.to_v."),
+    (r"^transformer\.encoder\.layer\.(\d+)\.attn\.out\.", r"transformer.blocks.\1.attn.out_proj."),
+    (r"^decoder\.", "decoder."),
+]
+_WRAPPER_KEYS = ("state_dict", "model", "network", "model_state_dict", "net")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the network (one-line message)."""
+
+
+def is_reference_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True when ``sd`` uses the authors' key layout (``transformer.embeddings.hybrid_model...``)."""
+    return any(k.startswith("transformer.embeddings.") or k.startswith("transformer.encoder.") for k in sd)
+
+
+def convert_reference_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an authors' state dict to ours.
+
+    The authors' pretraining models hold both ``FinalDecoder`` (the trained reconstruction head) and
+    an untrained ``segmentation_head``: the reconstruction head becomes ``head`` then. Keys with no
+    counterpart (e.g. a ViT class token) raise :class:`CheckpointError`.
+    """
+    has_recon = any(k.startswith("FinalDecoder.conv1.") for k in sd)
+    head_prefix = "FinalDecoder.conv1." if has_recon else "segmentation_head.0."
+    out, unknown = {}, []
+    for key, value in sd.items():
+        if key.startswith(head_prefix):
+            out["head." + key[len(head_prefix):]] = value
+            continue
+        if key.startswith("segmentation_head.") or key.startswith("FinalDecoder."):
+            continue  # the other, unused head
+        for pattern, repl in _REFERENCE_RULES:
+            if re.match(pattern, key):
+                out[re.sub(pattern, repl, key)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unrecognised keys in reference checkpoint: {', '.join(unknown[:8])}")
+    return out
+
+
+def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not _is_tensor_dict(obj):
+        raise CheckpointError(f"{source}: not a TransUNet checkpoint (no state dict of tensors found)")
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def read_state_dict(path: Union[str, os.PathLike, Mapping]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint (path or mapping) into our key layout.
+
+    Accepts our plain state dicts, the authors' layout, ``module.`` prefixes (DDP) and dicts wrapping
+    the state dict under ``state_dict``/``model``/``network``. Loading uses ``weights_only=True``.
+    """
+    source = "state dict"
+    obj = path
+    if not isinstance(path, Mapping):
+        source = os.fspath(path)
+        if not os.path.isfile(source):
+            raise CheckpointError(f"{source}: checkpoint file does not exist")
+        try:
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors, truncated zips, code-executing pickles
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{source}: not a loadable weights-only checkpoint ({msg[:200]})") from None
+    sd = _unwrap(obj, source)
+    return convert_reference_state_dict(sd) if is_reference_state_dict(sd) else sd
+
+
+def _fit_position_embeddings(sd: dict, model: nn.Module) -> dict:
+    target = model.state_dict().get(POS_KEY)
+    pos = sd.get(POS_KEY)
+    if target is None or pos is None or pos.shape == target.shape or pos.shape[-1] != target.shape[-1]:
+        return sd
+    g = int(round(target.shape[1] ** 0.5))
+    logger.info("resampling position embeddings %s -> %s", tuple(pos.shape), tuple(target.shape))
+    return {**sd, POS_KEY: resample_position_embeddings(pos, (g, g))}
+
+
+def _mismatches(sd: Mapping, model_sd: Mapping) -> list[str]:
+    return [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(model_sd[k].shape)}"
+        for k in sd
+        if k in model_sd and sd[k].shape != model_sd[k].shape
+    ]
+
+
+def load_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping], strict: bool = True) -> nn.Module:
+    """Load a checkpoint into ``model`` (position embeddings resampled to the model's grid).
+
+    Raises :class:`CheckpointError` listing shape mismatches, and with ``strict`` missing or
+    unexpected keys.
+    """
+    source = "state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+    sd = _fit_position_embeddings(read_state_dict(checkpoint), model)
+    model_sd = model.state_dict()
+    problems = _mismatches(sd, model_sd)
+    if strict:
+        problems += [f"missing {k}" for k in model_sd if k not in sd]
+        problems += [f"unexpected {k}" for k in sd if k not in model_sd]
+    if problems:
+        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise CheckpointError(
+            f"{source}: checkpoint does not fit this network ({len(problems)} mismatching keys: "
+            f"{'; '.join(problems[:10])}{more}); check preset, img_size and num_classes"
+        )
+    model.load_state_dict({k: v for k, v in sd.items() if k in model_sd}, strict=strict)
+    return model
+
+
+def _selected(key: str, transfer: str) -> bool:
+    if transfer == "encoder":
+        return not (key.startswith("decoder.") or key.startswith("head."))
+    return key.startswith("transformer.")
+
+
+def freeze_part(model: nn.Module, what: str = "transformer") -> nn.Module:
+    """Freeze ``what`` (``"transformer"``: the ViT blocks and final norm; ``"none"``)."""
+    if what not in FREEZE_MODES:
+        raise CheckpointError(f"freeze must be one of {FREEZE_MODES}, got {what!r}")
+    if what == "transformer":
+        for p in model.transformer.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def transfer_pretrained(
+    model: nn.Module,
+    path: Optional[Union[str, os.PathLike]] = None,
+    transfer: str = "encoder",
+    freeze: str = "transformer",
+) -> nn.Module:
+    """Copy pretrained encoder weights into a segmentation model and freeze part of it.
+
+    Args:
+        model: a :class:`~custom.transunet.TransUNet`.
+        path: our checkpoint or an authors' one (pretraining or fine-tuning).
+        transfer: ``"encoder"`` (everything but decoder and head, as the authors' code),
+            ``"transformer"`` (ViT blocks and final norm, as the paper's text) or ``"none"``.
+        freeze: ``"transformer"`` (the paper's default) or ``"none"``.
+    """
+    if transfer not in TRANSFER_MODES:
+        raise CheckpointError(f"transfer must be one of {TRANSFER_MODES}, got {transfer!r}")
+    n_tensors = 0
+    if transfer != "none":
+        if not path:
+            raise CheckpointError("transfer needs a pretrained_path; pass --transfer none to train from scratch")
+        if not os.path.isfile(os.fspath(path)):
+            raise CheckpointError(
+                f"{os.fspath(path)}: pretrained checkpoint does not exist; run the retina_pretrain bundle first, "
+                "point --pretrained_path at a checkpoint, or pass --transfer none to train from scratch"
+            )
+        sd = _fit_position_embeddings(read_state_dict(path), model)
+        model_sd = model.state_dict()
+        chosen = {k: v for k, v in sd.items() if _selected(k, transfer) and k in model_sd}
+        problems = _mismatches(chosen, model_sd)
+        missing = [k for k in model_sd if _selected(k, transfer) and k not in sd]
+        if problems or missing or not chosen:
+            detail = "; ".join(problems[:10] + [f"missing {k}" for k in missing[:10]]) or "no matching keys"
+            raise CheckpointError(f"{os.fspath(path)}: cannot transfer {transfer!r} weights ({detail})")
+        model.load_state_dict(chosen, strict=False)
+        n_tensors = len(chosen)
+    freeze_part(model, freeze)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "weight transfer %r from %s: %d tensors transferred; freeze %r: %d of %d parameters trainable",
+        transfer, path if transfer != "none" else "-", n_tensors, freeze, trainable, total,
+    )
+    print(
+        f"[retina] transfer={transfer} ({n_tensors} tensors) freeze={freeze}: "
+        f"{trainable:,} of {total:,} parameters trainable",
+        flush=True,
+    )
+    return model
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: Union[str, os.PathLike]) -> str:
+    """Write a state dict atomically (temporary file in the same folder, then rename)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
+    os.replace(tmp, path)
+    return path
