@@ -1,0 +1,503 @@
+"""Segmentation metrics of the RETINA evaluation protocol and their reporting.
+
+All functions take label maps of class indices (any spatial rank, same shape; numpy or torch)
+and score one class at a time over the whole image or volume, as the paper does:
+
+- IoU, F-score, precision, recall: MONAI's confusion-matrix metrics
+  (``get_confusion_matrix`` / ``compute_confusion_matrix_metric``: "threat score" is IoU).
+- Mean False Distance: the mean of the two directed average surface distances
+  (prediction surface -> truth surface and back), from MONAI's ``get_edge_surface_distance``;
+  in voxels unless a spacing is given. MONAI's own symmetric ASD averages the pooled distances
+  instead, which weights the larger surface more, hence the explicit mean here.
+- CREMI (binary, cleft-like tasks): ADGT = mean distance of predicted voxels to the nearest
+  true voxel, ADF = mean distance of true voxels to the nearest predicted voxel, CREMI score =
+  their mean (MONAI's ``get_surface_distance`` on the full masks); optionally FP / FN = voxels
+  farther than a tolerance.
+
+Conventions: a score whose sets are empty on both sides is NaN (the class is absent); a
+distance to an empty set is ``inf``. Means over classes and volumes skip NaN.
+
+Ignite handlers for the bundle configs: :class:`PooledClassScore` (the validation key
+metric: counts pooled over every validation image, averaged over the evaluated classes),
+:class:`SegmentationMetricsSaver` (per class and per volume CSV + JSON, summary into
+``engine.state.metrics``), :class:`PredictionOverlays` (image | truth | prediction PNGs); their files also go to the MLflow
+run of an ``MLFlowHandler`` attached to the same engine (``--tracking mlflow``), if any.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from monai.handlers import from_engine
+from monai.handlers.ignite_metric import IgniteMetricHandler
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.confusion_matrix import compute_confusion_matrix_metric, get_confusion_matrix
+from monai.metrics.utils import get_edge_surface_distance, get_surface_distance
+
+__all__ = [
+    "SCORES",
+    "class_confusion",
+    "scores_from_confusion",
+    "directed_surface_distances",
+    "mean_false_distance",
+    "cremi_distances",
+    "evaluate_segmentation",
+    "summarize",
+    "ClassConfusionMetric",
+    "PooledClassScore",
+    "SegmentationMetricsSaver",
+    "PredictionOverlays",
+    "overlay_image",
+]
+
+logger = logging.getLogger(__name__)
+
+# our short names -> MONAI's confusion-matrix metric names
+SCORES: Dict[str, str] = {"iou": "threat score", "f1": "f1 score", "precision": "precision", "recall": "sensitivity"}
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+def _labels(x: ArrayLike) -> torch.Tensor:
+    """A label map as an integer CPU tensor (a leading channel of size 1 is kept as is)."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach().cpu())
+    if t.is_floating_point():
+        t = t.round()
+    return t.to(torch.int64)
+
+
+def _mask(x: ArrayLike) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach().cpu()).bool()
+
+
+def class_confusion(pred: ArrayLike, truth: ArrayLike, classes: Sequence[int]) -> torch.Tensor:
+    """Per-class counts ``(len(classes), 4)``: true positives, false positives, true negatives, false negatives."""
+    p, t = _labels(pred), _labels(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
+    p, t = p.reshape(1, 1, -1), t.reshape(1, 1, -1)
+    rows = [get_confusion_matrix((p == c).to(torch.uint8), (t == c).to(torch.uint8))[0, 0] for c in classes]
+    return torch.stack(rows) if rows else torch.zeros((0, 4))
+
+
+def scores_from_confusion(confusion: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """IoU, F-score, precision and recall from counts ``(..., 4)`` (NaN where undefined)."""
+    cm = torch.as_tensor(confusion, dtype=torch.float64)
+    return {name: compute_confusion_matrix_metric(monai_name, cm) for name, monai_name in SCORES.items()}
+
+
+def directed_surface_distances(
+    pred: ArrayLike, truth: ArrayLike, spacing: Optional[Sequence[float]] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances of each prediction surface voxel to the truth surface, and of each truth surface voxel to
+    the prediction surface (binary masks; surfaces as MONAI's ``get_mask_edges``)."""
+    p, t = _mask(pred), _mask(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
+    if not p.any() or not t.any():  # a surface facing an empty mask is infinitely far from it
+        none, far = torch.zeros(0), torch.tensor([math.inf])
+        return (far if p.any() else none), (far if t.any() else none)
+    with warnings.catch_warnings():  # MONAI passes its own deprecated argument internally (MONAI 1.5-1.6)
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        _, (d_pt, d_tp), _ = get_edge_surface_distance(p, t, spacing=spacing, symmetric=True, warn_empty=False)
+    return d_pt.float(), d_tp.float()
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.double().mean()) if x.numel() else math.nan
+
+
+def mean_false_distance(pred: ArrayLike, truth: ArrayLike, spacing: Optional[Sequence[float]] = None) -> float:
+    """Mean False Distance: (mean dist. prediction surface -> truth + mean dist. truth surface -> prediction) / 2.
+
+    NaN when both masks are empty, ``inf`` when exactly one is.
+    """
+    p, t = _mask(pred), _mask(truth)
+    if not p.any() and not t.any():
+        return math.nan
+    if not p.any() or not t.any():
+        return math.inf
+    d_pt, d_tp = directed_surface_distances(p, t, spacing)
+    return (_mean(d_pt) + _mean(d_tp)) / 2.0
+
+
+def cremi_distances(
+    pred: ArrayLike,
+    truth: ArrayLike,
+    spacing: Optional[Sequence[float]] = None,
+    threshold: Optional[float] = None,
+) -> Dict[str, float]:
+    """CREMI cleft scores of binary masks: ``adgt``, ``adf``, ``cremi_score`` (and ``fp``, ``fn`` with a threshold).
+
+    ``adgt``: mean distance of predicted voxels to the nearest true voxel (NaN without predicted voxels);
+    ``adf``: mean distance of true voxels to the nearest predicted voxel (NaN without true voxels);
+    a distance to an empty set is ``inf``. ``fp`` / ``fn``: predicted / true voxels farther than
+    ``threshold`` (same unit as ``spacing``; CREMI uses 200 nm) from the other mask.
+    """
+    p, t = _mask(pred), _mask(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
+
+    def directed(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        if not src.any():
+            return torch.zeros(0)
+        if not dst.any():
+            return torch.full((int(src.sum()),), math.inf)
+        return torch.as_tensor(get_surface_distance(src.numpy(), dst.numpy(), spacing=spacing)).float()
+
+    d_pred, d_true = directed(p, t), directed(t, p)
+    out = {"adgt": _mean(d_pred), "adf": _mean(d_true)}
+    out["cremi_score"] = (out["adgt"] + out["adf"]) / 2.0
+    if threshold is not None:
+        out["fp"] = float((d_pred > threshold).sum())
+        out["fn"] = float((d_true > threshold).sum())
+    return out
+
+
+def evaluate_segmentation(
+    pred: ArrayLike,
+    truth: ArrayLike,
+    classes: Sequence[int],
+    class_names: Optional[Mapping[Any, str]] = None,
+    distances: bool = True,
+    cremi: bool = False,
+    spacing: Optional[Sequence[float]] = None,
+    cremi_threshold: Optional[float] = None,
+) -> Dict[str, Dict[str, float]]:
+    """Every metric of one prediction against its truth, per class, plus ``"mean"`` over the classes.
+
+    Args:
+        pred, truth: label maps of class indices, same shape (2D image or 3D volume).
+        classes: the evaluated class indices (e.g. ``[1]`` for a binary task, ``[2, 3, 4, 5, 6]`` for Guay).
+        class_names: index (int or str) -> name for the keys of the result (default ``"class_<i>"``).
+        distances: also compute the Mean False Distance (``mfd``).
+        cremi: also compute ``adgt``, ``adf``, ``cremi_score`` (and ``fp``, ``fn`` given ``cremi_threshold``).
+        spacing: voxel size for the distances (default 1: distances in voxels).
+    Returns:
+        ``{name: {"iou", "f1", "precision", "recall", ["mfd"], [...cremi]}, ..., "mean": {...}}``.
+    """
+    p, t = _labels(pred), _labels(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
+    scores = scores_from_confusion(class_confusion(p, t, classes))
+    result: Dict[str, Dict[str, float]] = {}
+    for i, c in enumerate(classes):
+        row = {name: float(v[i]) for name, v in scores.items()}
+        if distances:
+            row["mfd"] = mean_false_distance(p == c, t == c, spacing)
+        if cremi:
+            row.update(cremi_distances(p == c, t == c, spacing, cremi_threshold))
+        result[_class_name(c, class_names)] = row
+    result["mean"] = _nanmean_rows(list(result.values()))
+    return result
+
+
+def _class_name(c: int, class_names: Optional[Mapping[Any, str]]) -> str:
+    if class_names:
+        for key in (c, str(c)):
+            if key in class_names:
+                return str(class_names[key])
+    return f"class_{c}"
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    vals = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _nanmean_rows(rows: Sequence[Mapping[str, float]]) -> Dict[str, float]:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    return {k: _nanmean([r[k] for r in rows if k in r]) for k in keys}
+
+
+def summarize(per_volume: Mapping[str, Mapping[str, Mapping[str, float]]]) -> Dict[str, Dict[str, float]]:
+    """Mean over volumes of :func:`evaluate_segmentation` results (per class and for ``"mean"``), NaN skipped."""
+    names: List[str] = []
+    for res in per_volume.values():
+        names += [n for n in res if n not in names]
+    return {n: _nanmean_rows([res[n] for res in per_volume.values() if n in res]) for n in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# MONAI metric and Ignite handlers
+
+
+class ClassConfusionMetric(CumulativeIterationMetric):
+    """Per-class confusion counts of label maps, pooled over every image seen, then a score.
+
+    ``y_pred`` and ``y``: batch-first ``(B, 1, ...)`` label maps of class indices (or lists of
+    channel-first ones). :meth:`aggregate` sums the counts over all images, computes the score
+    per class from the pooled counts and, with ``reduction="mean"``, averages over the classes.
+    """
+
+    def __init__(self, classes: Sequence[int], metric_name: str = "iou") -> None:
+        super().__init__()
+        if metric_name not in SCORES:
+            raise ValueError(f"metric_name must be one of {sorted(SCORES)}, got {metric_name!r}")
+        self.classes = [int(c) for c in classes]
+        self.metric_name = metric_name
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
+        if y is None:
+            raise ValueError("ClassConfusionMetric needs y")
+        return torch.stack([class_confusion(p, t, self.classes) for p, t in zip(y_pred, y)])
+
+    def aggregate(self, reduction: str = "mean") -> torch.Tensor:  # type: ignore[override]
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor) or data.numel() == 0:
+            raise ValueError("ClassConfusionMetric has no data to aggregate")
+        per_class = compute_confusion_matrix_metric(SCORES[self.metric_name], data.double().sum(dim=0))
+        if reduction == "none":
+            return per_class.float()
+        valid = per_class[~torch.isnan(per_class)]
+        return valid.mean().float() if valid.numel() else torch.tensor(float("nan"))
+
+
+class PooledClassScore(IgniteMetricHandler):
+    """Ignite metric: :class:`ClassConfusionMetric` (IoU by default) averaged over ``classes``.
+
+    Counts are pooled over the whole epoch (every validation image or slice), so the score is the
+    whole-dataset IoU per class, as the paper scores volumes, rather than a mean of per-slice IoUs.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[int],
+        metric_name: str = "iou",
+        output_transform: Callable = from_engine(["pred", "label"]),
+        save_details: bool = False,
+    ) -> None:
+        super().__init__(
+            metric_fn=ClassConfusionMetric(classes, metric_name),
+            output_transform=output_transform,
+            save_details=save_details,
+        )
+
+
+def _log_artifacts(engine: Any, paths: Sequence[str], artifact_path: Optional[str] = None) -> None:
+    """Log files to the run of the ``MLFlowHandler`` attached to ``engine`` (``--tracking mlflow``), if any."""
+    from .handlers import find_mlflow_handler
+
+    handler = find_mlflow_handler(engine)
+    if handler is None or handler.cur_run is None:
+        return
+    for p in paths:
+        try:
+            handler.client.log_artifact(handler.cur_run.info.run_id, p, artifact_path=artifact_path)
+        except Exception as err:  # tracking must never break training
+            logger.warning("could not log %s to MLflow: %s", p, err)
+
+
+def _json_value(v: float) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def _item_name(item: Any, index: int) -> str:
+    if isinstance(item, Mapping):
+        image = item.get("image")
+        meta = getattr(image, "meta", None) or {}
+        name = meta.get("filename_or_obj") or item.get("name")
+        if isinstance(name, (list, tuple)):
+            name = name[0] if name else None
+        if name:
+            return str(name)
+    return f"item_{index:04d}"
+
+
+class SegmentationMetricsSaver:
+    """Scores every evaluated image or volume with :func:`evaluate_segmentation`; at the end of the
+    epoch writes ``<output_dir>/<prefix>_metrics.csv`` (one row per volume and class, plus the means)
+    and ``<prefix>_summary.json``, puts ``<prefix>_mean_<metric>`` (and per class
+    ``<prefix>_<class>_<metric>``) into ``engine.state.metrics`` (so StatsHandler and MLflow record
+    them) and logs both files to the MLflow run of an attached ``MLFlowHandler``.
+
+    Args:
+        output_dir: folder of the CSV and JSON files.
+        classes, class_names, distances, cremi, spacing, cremi_threshold: see :func:`evaluate_segmentation`.
+        output_transform: engine output -> ``(preds, labels)`` lists of channel-first label maps.
+        prefix: file and metric name prefix.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        classes: Sequence[int],
+        class_names: Optional[Mapping[Any, str]] = None,
+        distances: bool = True,
+        cremi: bool = False,
+        spacing: Optional[Sequence[float]] = None,
+        cremi_threshold: Optional[float] = None,
+        output_transform: Callable = from_engine(["pred", "label"]),
+        prefix: str = "eval",
+    ) -> None:
+        self.output_dir = output_dir
+        self.classes = [int(c) for c in classes]
+        self.class_names = dict(class_names) if class_names else None
+        self.distances, self.cremi = distances, cremi
+        self.spacing, self.cremi_threshold = spacing, cremi_threshold
+        self.output_transform = output_transform
+        self.prefix = prefix
+        self.results: Dict[str, Dict[str, Dict[str, float]]] = {}
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def reset(self, engine: Any = None) -> None:
+        self.results = {}
+
+    def iteration_completed(self, engine: Any) -> None:
+        preds, labels = self.output_transform(engine.state.output)
+        outputs = engine.state.output if isinstance(engine.state.output, (list, tuple)) else [None] * len(preds)
+        for item, p, t in zip(outputs, preds, labels):
+            name = _item_name(item, len(self.results))
+            while name in self.results:
+                name += "_"
+            self.results[name] = evaluate_segmentation(
+                p[0], t[0], self.classes, self.class_names, self.distances, self.cremi, self.spacing, self.cremi_threshold
+            )
+            logger.info("%s: %s", name, _fmt(self.results[name]["mean"]))
+
+    def epoch_completed(self, engine: Any) -> None:
+        if not self.results:
+            return
+        summary = summarize(self.results)
+        paths = self.write(summary)
+        for cls, row in summary.items():
+            for metric, v in row.items():
+                key = f"{self.prefix}_mean_{metric}" if cls == "mean" else f"{self.prefix}_{cls}_{metric}"
+                engine.state.metrics[key] = v
+        print(f"[retina] {self.prefix} over {len(self.results)} volume(s): {_fmt(summary['mean'])}", flush=True)
+        _log_artifacts(engine, paths, artifact_path="metrics")
+
+    def write(self, summary: Mapping[str, Mapping[str, float]]) -> List[str]:
+        """Write the CSV and JSON files; returns their paths."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        metrics: List[str] = []
+        for res in list(self.results.values()) + [summary]:
+            for row in res.values():
+                metrics += [k for k in row if k not in metrics]
+        csv_path = os.path.join(self.output_dir, f"{self.prefix}_metrics.csv")
+        with open(csv_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["volume", "class"] + metrics)
+            for vol, res in list(self.results.items()) + [("mean", summary)]:
+                for cls, row in res.items():
+                    w.writerow([vol, cls] + [row.get(m, "") for m in metrics])
+        json_path = os.path.join(self.output_dir, f"{self.prefix}_summary.json")
+        doc = {
+            "classes": self.classes,
+            "mean": {c: {k: _json_value(v) for k, v in r.items()} for c, r in summary.items()},
+            "per_volume": {
+                vol: {c: {k: _json_value(v) for k, v in r.items()} for c, r in res.items()}
+                for vol, res in self.results.items()
+            },
+        }
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=2)
+        return [csv_path, json_path]
+
+
+def _fmt(row: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+
+
+def overlay_image(
+    image: ArrayLike, truth: ArrayLike, pred: ArrayLike, num_classes: int = 2, alpha: float = 0.4
+) -> np.ndarray:
+    """An RGB uint8 panel ``image | image + truth | image + prediction`` of one 2D slice (arrays (H, W))."""
+    from monai.visualize import blend_images
+
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = float(np.min(img)), float(np.max(img))
+    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    scale = float(max(num_classes, 2))
+    panels = [np.repeat(img[None], 3, axis=0)]
+    for lab in (truth, pred):
+        lab = np.asarray(lab, dtype=np.float32)[None] / scale
+        panels.append(np.asarray(blend_images(img[None], lab, alpha=alpha, cmap="hsv", rescale_arrays=False)))
+    rgb = np.concatenate(panels, axis=2)  # (3, H, 3W)
+    return (np.clip(np.moveaxis(rgb, 0, -1), 0, 1) * 255).astype(np.uint8)
+
+
+def _representative_slice(truth: np.ndarray) -> int:
+    counts = (truth > 0).reshape(truth.shape[0], -1).sum(axis=1)
+    return int(np.argmax(counts)) if counts.max() > 0 else truth.shape[0] // 2
+
+
+class PredictionOverlays:
+    """Saves ``image | truth | prediction`` overlays of a few evaluated items per epoch as PNG and logs them
+    to the MLflow run of an attached ``MLFlowHandler``.
+
+    Items are chosen evenly over the epoch (``max_images`` of them); for a 3D item the slice with
+    the most truth foreground is shown. Files: ``<output_dir>/epoch<NNNN>_<k>.png`` (the epoch is the
+    trainer's when the engine is a validator).
+
+    Args:
+        output_dir: folder of the PNG files.
+        max_images: overlays per epoch.
+        num_classes: label classes including background (sets the colours).
+        output_transform: engine output -> ``(images, labels, preds)`` lists of channel-first arrays.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        max_images: int = 3,
+        num_classes: int = 2,
+        output_transform: Callable = from_engine(["image", "label", "pred"]),
+    ) -> None:
+        self.output_dir = output_dir
+        self.max_images = max_images
+        self.num_classes = num_classes
+        self.output_transform = output_transform
+        self.saved: List[str] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def reset(self, engine: Any = None) -> None:
+        self.saved = []
+
+    def _wanted(self, engine: Any) -> bool:
+        n = engine.state.epoch_length or 1
+        k = (engine.state.iteration - 1) % n
+        picks = set(np.linspace(0, n - 1, min(self.max_images, n)).round().astype(int).tolist())
+        return k in picks and len(self.saved) < self.max_images
+
+    def iteration_completed(self, engine: Any) -> None:
+        if self.max_images <= 0 or not self._wanted(engine):
+            return
+        from PIL import Image
+
+        images, labels, preds = self.output_transform(engine.state.output)
+        img, lab, prd = (np.asarray(torch.as_tensor(x[0]).detach().cpu().float()) for x in (images[0], labels[0], preds[0]))
+        if img.ndim == 3:
+            z = _representative_slice(lab)
+            img, lab, prd = img[z], lab[z], prd[z]
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, f"epoch{engine.state.epoch:04d}_{len(self.saved)}.png")
+        Image.fromarray(overlay_image(img, lab, prd, self.num_classes)).save(path)
+        self.saved.append(path)
+
+    def epoch_completed(self, engine: Any) -> None:
+        _log_artifacts(engine, self.saved, artifact_path="overlays")
