@@ -110,6 +110,23 @@ def _is_tensor_dict(obj: Mapping) -> bool:
     return len(obj) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def _load_problem(exc: BaseException) -> str:
+    """The informative line of a ``torch.load`` error (its first line is boilerplate for
+    weights-only refusals; the reason is on the ``WeightsUnpickler error:`` line)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(exc).__name__
+    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    if reason is not None:
+        reason = reason[len("WeightsUnpickler error:"):].strip().split(". Please use")[0]
+        return f"refused to unpickle: {reason}"[:200]
+    msg = lines[0]
+    if msg.isdigit() or len(msg) < 6:  # e.g. a bare pickle opcode from a file that is no pickle at all
+        msg = f"{type(exc).__name__}: {msg}"
+    return msg[:200]
+
+
 def read_state_dict(path: Union[str, os.PathLike, Mapping]) -> dict[str, torch.Tensor]:
     """Read a checkpoint (path or mapping) into our key layout.
 
@@ -125,8 +142,7 @@ def read_state_dict(path: Union[str, os.PathLike, Mapping]) -> dict[str, torch.T
         try:
             obj = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors, truncated zips, code-executing pickles
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{source}: not a loadable weights-only checkpoint ({msg[:200]})") from None
+            raise CheckpointError(f"{source}: not a loadable weights-only checkpoint ({_load_problem(e)})") from None
     sd = _unwrap(obj, source)
     return convert_reference_state_dict(sd) if is_reference_state_dict(sd) else sd
 
@@ -220,8 +236,12 @@ def transfer_pretrained(
         problems = _mismatches(chosen, model_sd)
         missing = [k for k in model_sd if _selected(k, transfer) and k not in sd]
         if problems or missing or not chosen:
-            detail = "; ".join(problems[:10] + [f"missing {k}" for k in missing[:10]]) or "no matching keys"
-            raise CheckpointError(f"{os.fspath(path)}: cannot transfer {transfer!r} weights ({detail})")
+            listed = problems + [f"missing {k}" for k in missing]
+            more = f" (+{len(listed) - 10} more)" if len(listed) > 10 else ""
+            detail = f"{len(listed)} mismatching keys: {'; '.join(listed[:10])}{more}" if listed else "no matching keys"
+            raise CheckpointError(
+                f"{os.fspath(path)}: cannot transfer {transfer!r} weights ({detail}); check preset and img_size"
+            )
         model.load_state_dict(chosen, strict=False)
         n_tensors = len(chosen)
     freeze_part(model, freeze)

@@ -33,7 +33,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import ImageReader, MetaTensor
+from monai.data import CacheDataset, ImageReader, MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy, ensure_tuple
 
@@ -43,6 +43,7 @@ __all__ = [
     "IMAGE_H5_KEYS",
     "LABEL_H5_KEYS",
     "LoadEMSliced",
+    "SliceDataset",
     "em_format",
     "em_shape",
     "find_em_files",
@@ -333,7 +334,9 @@ def _read_pil(path: str) -> np.ndarray:
 
     with Image.open(path) as im:
         im.load()
-        return _pil_to_array(im, path)
+        arr = _pil_to_array(im, path)
+    # np.asarray of a PIL image is read-only; torch warns on every such tensor (and may not write to it)
+    return arr if arr.flags.writeable else np.array(arr)
 
 
 def _pil_shape(path: str) -> tuple[int, ...]:
@@ -834,7 +837,8 @@ def slice_items(
 
     Returns:
         ``[{**item, "plane": "xy"|"xz"|"yz", "index": i}, ...]``: a (Z, Y, X) volume gives Z xy,
-        Y xz and X yz items; a 2D image gives one item with ``"plane": "xy", "index": -1``.
+        Y xz and X yz items; a 2D image gives one item with ``"plane": "xy", "index": -1``; an
+        item that already has ``"plane"`` and ``"index"`` is kept as it is.
     """
     keys = ensure_tuple(keys)
     main = str(keys[0])
@@ -844,6 +848,9 @@ def slice_items(
         d = _as_item(item, main)
         if main not in d:
             raise DatasetError(f"item {d}: no '{main}' entry")
+        if "plane" in d and "index" in d:  # already one slice
+            out.append(d)
+            continue
         path = d[main]
         fmt = em_format(path)
         if fmt in _ALWAYS_2D:
@@ -1000,6 +1007,27 @@ class LoadEMSliced(MapTransform):
             else:
                 d[k] = arr
         return d
+
+
+class SliceDataset(CacheDataset):
+    """MONAI ``CacheDataset`` over the 2D slices of whole-image items.
+
+    ``data`` holds items such as ``{"image": path, "label": path}`` (whole images or volumes, the
+    form MONAI Label passes as ``train#dataset#data``); :func:`slice_items` expands them into one
+    item per slice of ``planes`` (slice items given already stay as they are); ``planes=None``
+    keeps the items whole. Other arguments are ``CacheDataset``'s.
+    """
+
+    def __init__(
+        self,
+        data: Sequence,
+        transform: Any = None,
+        planes: str | Sequence[str] | None = "xy",
+        keys: KeysCollection = ("image", "label"),
+        **kwargs: Any,
+    ) -> None:
+        items = list(data) if planes is None else slice_items(data, planes=planes, keys=keys)
+        super().__init__(data=items, transform=transform, **kwargs)
 
 
 # --------------------------------------------------------------------------------------

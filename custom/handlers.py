@@ -2,7 +2,13 @@
 
 - :func:`pretraining_datalist`: the training/validation item lists of an unlabelled EM folder
   (falling back to the synthetic demo set when no folder is given), split by file.
-- :func:`latest_checkpoint`: the newest ``CheckpointSaver`` interval checkpoint in a folder, to resume.
+- :func:`latest_checkpoint`: the newest complete ``CheckpointSaver`` interval checkpoint in a folder, to resume.
+- :class:`AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` writing each file under a temporary name
+  and renaming it, so a run killed while saving never leaves a truncated checkpoint.
+- :func:`resume_checkpoint` and :class:`ValidationState`: what a restarted training resumes from, and
+  the best-model bookkeeping saved with it.
+- :func:`inference_items` / :func:`raise_failed_inputs`: the items of a folder to run inference on,
+  with unreadable files set aside (reported at the end, non-zero exit) instead of stopping the run.
 - :func:`local_tracking_uri`: a local SQLite MLflow store in a folder (MLflow 3 has no file store).
 - :class:`SampleTripletSaver`: Ignite handler for an evaluator: PNGs of (degraded input,
   reconstruction, target) at every validation, also logged to MLflow when tracking is on.
@@ -26,12 +32,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.handlers import MLFlowHandler
+from monai.handlers import CheckpointSaver, MLFlowHandler
 from monai.utils import path_to_sqlite_uri
 
 __all__ = [
     "pretraining_datalist",
     "latest_checkpoint",
+    "AtomicCheckpointSaver",
+    "resume_checkpoint",
+    "ValidationState",
+    "inference_items",
+    "raise_failed_inputs",
     "local_tracking_uri",
     "find_mlflow_handler",
     "SampleTripletSaver",
@@ -41,7 +52,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CKPT_RE = re.compile(r"_iteration=(\d+)\.pt$")
+_CKPT_RE = re.compile(r"_(?:iteration|epoch)=(\d+)\.pt$")
 
 
 def pretraining_datalist(
@@ -63,8 +74,9 @@ def pretraining_datalist(
     so no image contributes to both. 3D stacks are expanded into slice items
     (``custom.data.slice_items``); files are not read beyond the header. A single file is split
     by slices instead (its last ``val_fraction``). Validation is capped at ``max_val_items``
-    slices, taken evenly. The first ``check_items`` items of each split are read once
-    (``custom.data.validate_items``) so an unreadable dataset fails before training.
+    slices, taken evenly. The first ``check_items`` items of each split (all of them when
+    negative) are read once (``custom.data.validate_items``), and every file is checked for being
+    empty (one ``stat`` each), so an unreadable dataset fails before training.
 
     When ``dataset_dir`` is empty or None, the synthetic demo set is written to ``demo_dir``
     (``custom.synthetic.write_unlabelled_demo``, skipped when present) and used.
@@ -137,28 +149,228 @@ def _split_datalist(
     if len(val) > max_val_items:
         keep = np.linspace(0, len(val) - 1, max_val_items).round().astype(int)
         val = [val[i] for i in keep]
-    if check_items > 0:
-        data.validate_items(train[:check_items])
-        data.validate_items(val[:check_items])
+    for f in files:
+        if os.path.isfile(f) and os.path.getsize(f) == 0:
+            raise data.DatasetError(f"{f}: empty file (0 bytes)")
+    if check_items != 0:
+        data.validate_items(train[:check_items] if check_items > 0 else train)
+        data.validate_items(val[:check_items] if check_items > 0 else val)
     logger.info(f"{dataset_dir}: {len(files)} files, {len(train)} training and {len(val)} validation images")
     return {"training": train, "validation": val}
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
-    """Path of the ``{prefix}_iteration=N.pt`` file with the largest N in ``ckpt_dir``, or None."""
+def _complete_checkpoint(path: str) -> bool:
+    """True when ``path`` is a whole ``torch.save`` zip archive (a truncated one lacks its central directory)."""
+    import zipfile
+
+    try:
+        return os.path.getsize(path) > 0 and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint", score_name: str = "iteration") -> str | None:
+    """Path of the complete ``{prefix}_{score_name}=N.pt`` file with the largest N in ``ckpt_dir``, or None.
+
+    ``score_name`` is ``"iteration"`` or ``"epoch"`` (``CheckpointSaver`` with ``epoch_level``).
+
+    Temporary files of an interrupted atomic save (``tmp*``, ``*.tmp<pid>``) do not match the pattern.
+    A truncated or empty checkpoint (written by a non-atomic saver killed mid-write, or a full disk)
+    is skipped with a warning in favour of the next older one.
+
+    Raises:
+        custom.checkpoints.CheckpointError: checkpoints exist but none is complete.
+    """
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         return None
     found = []
-    for p in folder.glob(f"{prefix}_iteration=*.pt"):
+    for p in folder.glob(f"{prefix}_{score_name}=*.pt"):
         m = _CKPT_RE.search(p.name)
         if m:
             found.append((int(m.group(1)), str(p)))
     if not found:
         return None
-    path = max(found)[1]
-    logger.info(f"latest checkpoint in {ckpt_dir}: {path}")
-    return path
+    for _, path in sorted(found, reverse=True):
+        if _complete_checkpoint(path):
+            logger.info(f"latest checkpoint in {ckpt_dir}: {path}")
+            return path
+        logger.warning(f"{path}: incomplete checkpoint (truncated or empty); not resuming from it")
+    from custom.checkpoints import CheckpointError
+
+    raise CheckpointError(
+        f"{ckpt_dir}: no complete checkpoint to resume from ({len(found)} truncated); "
+        "delete them, or pass --resume False to start afresh"
+    )
+
+
+_DEFERRED_CLASSES: dict[type, type] = {}
+
+
+def _deferred_removal(cls: type) -> type:
+    """A subclass of the disk saver ``cls`` whose ``remove`` waits until the next save has succeeded.
+
+    Ignite's ``Checkpoint`` removes the file it replaces *before* writing the new one; with
+    ``n_saved=1`` a kill during the write would leave no checkpoint at all.
+    """
+    if cls not in _DEFERRED_CLASSES:
+
+        class Deferred(cls):  # type: ignore[valid-type, misc]
+            def remove(self, filename: str) -> None:
+                self._pending_removals = [*getattr(self, "_pending_removals", []), filename]
+
+            def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+                super().__call__(checkpoint, filename, metadata)
+                fixed = getattr(self, "filename", None)  # MONAI's fixed names (model.pt) override Ignite's
+                written = fixed or filename
+                for old in getattr(self, "_pending_removals", []):
+                    if (fixed or old) != written and (Path(self.dirname) / (fixed or old)).exists():
+                        super().remove(old)
+                self._pending_removals = []
+
+        Deferred.__name__ = Deferred.__qualname__ = f"Deferred{cls.__name__}"
+        _DEFERRED_CLASSES[cls] = Deferred
+    return _DEFERRED_CLASSES[cls]
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments), writing every file atomically.
+
+    MONAI creates Ignite's ``DiskSaver`` with ``atomic=False`` (older Ignite left atomic saves
+    readable by their owner only), and Ignite's ``Checkpoint`` deletes the file being replaced before
+    it writes the new one: a run killed while saving leaves a truncated newest checkpoint, or with
+    ``n_saved=1`` none at all. Here each file is written to a temporary file in the same folder and
+    renamed onto its name (Ignite's atomic mode, which since 0.4.x also adds group/other read
+    permission), and the replaced file is deleted only after that, so the newest checkpoint on disk
+    is always whole.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            handler = getattr(ckpt, "save_handler", None)
+            if handler is not None:
+                if not hasattr(handler, "_atomic"):
+                    raise RuntimeError("this Ignite's DiskSaver has no atomic mode; AtomicCheckpointSaver needs one")
+                handler._atomic = True
+                handler.__class__ = _deferred_removal(type(handler))
+
+
+def resume_checkpoint(
+    ckpt_dir: str | os.PathLike, planned: int | None = None, prefix: str = "checkpoint", score_name: str = "iteration"
+) -> str | None:
+    """The checkpoint an interrupted training resumes from, or None to start a new training.
+
+    The newest complete ``{prefix}_{score_name}=N.pt`` (:func:`latest_checkpoint`) when N is below
+    ``planned`` (iterations or epochs, as ``score_name``). When N has reached it, that training
+    finished: its checkpoints are renamed ``previous_...`` (no longer matched, so a later
+    interruption of the new training resumes the new one) and None is returned, so the same command
+    trains again (what MONAI Label expects of each training request) instead of doing nothing.
+    """
+    path = latest_checkpoint(ckpt_dir, prefix, score_name)
+    if path is None or planned is None:
+        return path
+    m = _CKPT_RE.search(os.path.basename(path))
+    if m is None or int(m.group(1)) < int(planned):
+        return path
+    for p in Path(ckpt_dir).glob(f"{prefix}_{score_name}=*.pt"):
+        os.replace(p, p.with_name(f"previous_{p.name}"))
+    logger.warning(
+        f"{path}: the training in {ckpt_dir} finished ({score_name} {m.group(1)} of {planned}); starting a "
+        f"new one (its checkpoints were renamed previous_*)"
+    )
+    return None
+
+
+class ValidationState:
+    """The best-model bookkeeping of a validation engine, as a checkpointable object.
+
+    Put it in the trainer's resume checkpoint (``save_dict``/``load_dict``) next to the model and
+    optimizer: it saves the evaluator's ``best_metric``/``best_metric_epoch`` and the score list of
+    each key-metric ``CheckpointSaver`` attached to the evaluator, so that after a resume the best
+    checkpoint (e.g. ``models/model.pt``) is only replaced by a better model, as without the
+    interruption.
+    """
+
+    def __init__(self, evaluator: Any) -> None:
+        self.evaluator = evaluator
+
+    def _savers(self) -> list:
+        savers = []
+        for handlers in getattr(self.evaluator, "_event_handlers", {}).values():
+            for func, *_ in handlers:
+                owner = getattr(func, "__self__", None)
+                if isinstance(owner, CheckpointSaver) and owner._key_metric_checkpoint is not None and owner not in savers:
+                    savers.append(owner)
+        return savers
+
+    def state_dict(self) -> dict:
+        st = self.evaluator.state
+        return {
+            "best_metric": float(getattr(st, "best_metric", -1)),
+            "best_metric_epoch": int(getattr(st, "best_metric_epoch", -1)),
+            "key_metric_saved": [[(float(p), str(f)) for p, f in s._key_metric_checkpoint.state_dict()["_saved"]]
+                                 for s in self._savers()],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        for saver, saved in zip(self._savers(), state.get("key_metric_saved", [])):
+            fixed = getattr(saver._key_metric_checkpoint.save_handler, "filename", None)  # MONAI's model.pt
+            alive = [(p, f) for p, f in saved if (Path(saver.save_dir) / (fixed or f)).exists()]
+            saver._key_metric_checkpoint.load_state_dict({"_saved": alive})
+
+
+def inference_items(
+    dataset_dir: str | os.PathLike, planes: str = "xy", path_key: str = "image_path", check_data: bool = True
+) -> dict[str, Any]:
+    """Slice items of every EM file under ``dataset_dir`` for inference, unreadable files set aside.
+
+    Each file's header (and with ``check_data`` its pixels: ``custom.data.validate_items``) is read
+    once; a file that fails is logged with its one-line problem and left out, so the others are
+    still processed. Call :func:`raise_failed_inputs` after the run to end with a non-zero status.
+
+    Returns:
+        ``{"items": [{"image", path_key, "plane", "index"}, ...], "failed": ["<path>: <problem>", ...],
+        "files": n, "dataset_dir": str}``.
+
+    Raises:
+        custom.data.DatasetError: ``dataset_dir`` holds no EM file, or none of them can be read.
+    """
+    from custom import data
+
+    files = data.find_em_files(str(dataset_dir))
+    items: list[dict] = []
+    failed: list[str] = []
+    for f in files:
+        try:
+            found = data.slice_items([{"image": f, path_key: f}], planes=planes)
+            if check_data:
+                data.validate_items([{"image": f}])
+        except data.DatasetError as e:
+            failed.append(str(e))
+            logger.error(f"skipped (unreadable): {e}")
+            continue
+        items.extend(found)
+    if not items:
+        raise data.DatasetError(f"{dataset_dir}: none of the {len(files)} input file(s) can be read: {'; '.join(failed[:5])}")
+    return {"items": items, "failed": failed, "files": len(files), "dataset_dir": str(dataset_dir)}
+
+
+def raise_failed_inputs(screened: Mapping[str, Any], output_dir: str | os.PathLike | None = None) -> None:
+    """Raise ``custom.data.DatasetError`` listing the files :func:`inference_items` set aside (if any)."""
+    failed = list(screened.get("failed", []))
+    if not failed:
+        return
+    from custom.data import DatasetError
+
+    n = int(screened.get("files", len(failed)))
+    where = f" into {output_dir}" if output_dir else ""
+    raise DatasetError(
+        f"{screened.get('dataset_dir', '')}: {len(failed)} of {n} input file(s) could not be read, "
+        f"the other {n - len(failed)} were processed{where}: " + "; ".join(failed)
+    )
 
 
 def local_tracking_uri(folder: str | os.PathLike, db_name: str = "mlflow.db") -> str:
@@ -280,6 +492,9 @@ class MLflowExtras:
         params: name -> value (nested dicts are flattened with ``.``; values logged as strings).
         artifacts: paths logged when training completes (missing ones skipped).
         artifact_path: MLflow artifact folder of ``artifacts``.
+        tags: name -> value set as run tags with the parameters (tags, unlike parameters, may
+            change: e.g. ``resumed_from``, the checkpoint a restarted run continued from; empty
+            values are not set).
     """
 
     def __init__(
@@ -287,8 +502,10 @@ class MLflowExtras:
         params: Mapping[str, Any] | None = None,
         artifacts: Sequence[str] | str | None = None,
         artifact_path: str | None = "model",
+        tags: Mapping[str, Any] | None = None,
     ) -> None:
         self.params = dict(params or {})
+        self.tags = {k: str(v) for k, v in (tags or {}).items() if v not in (None, "")}
         self.artifacts = [artifacts] if isinstance(artifacts, (str, os.PathLike)) else list(artifacts or [])
         self.artifact_path = artifact_path
         self._params_logged = False
@@ -322,6 +539,8 @@ class MLflowExtras:
         for k, v in self._flatten(self.params).items():
             if k not in existing:  # a resumed run keeps its original parameters
                 handler.client.log_param(run_id, k, v)
+        for k, v in self.tags.items():
+            handler.client.set_tag(run_id, k, v)
         self._params_logged = True
 
     def _log_artifacts(self, engine: Any) -> None:

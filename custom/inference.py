@@ -29,6 +29,7 @@ from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 from monai.utils import ensure_tuple_rep
 
 from .data import PLANES, em_format, find_em_files, write_em
+from .errors import describe
 
 __all__ = ["SliceWiseInferer", "VolumePredictor", "InferenceError", "list_inputs", "output_path", "plane_list"]
 
@@ -271,7 +272,8 @@ class VolumePredictor:
             try:
                 paths = self.predict(i)
             except Exception as err:  # report, keep going with the other volumes
-                msg = " ".join(str(err).split()) or type(err).__name__
+                msg = describe(err)  # the file's problem, not MONAI's "applying transform" wrapper
+                msg = msg[len(src) + 2:] if msg.startswith(f"{src}: ") else msg  # the path is printed once
                 self.failed.append((src, msg))
                 logger.error("[%d/%d] %s: FAILED: %s", i + 1, n, src, msg)
                 print(f"[retina] [{i + 1}/{n}] {src}: FAILED: {msg}", flush=True)

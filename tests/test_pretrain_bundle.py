@@ -164,12 +164,18 @@ def test_demo_run_logs_to_mlflow_and_loss_goes_down(demo_run):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=demo_run["uri"])
-    previous = mlflow.get_tracking_uri()
+    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(demo_run["uri"])
     try:
         runs = mlflow.search_runs(experiment_names=["retina_pretrain_test"], output_format="list")
     finally:
         mlflow.set_tracking_uri(previous)
+        # set_tracking_uri also sets MLFLOW_TRACKING_URI, which MONAI's MLFlowHandler prefers to its
+        # tracking_uri argument: left set, later in-process tracked runs would log into ./mlruns
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
     assert len(runs) == 1
     run = client.get_run(runs[0].info.run_id)
     assert run.info.status == "FINISHED"
