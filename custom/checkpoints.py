@@ -26,6 +26,7 @@ __all__ = [
     "load_weights",
     "transfer_pretrained",
     "freeze_part",
+    "require_pretrained",
     "save_state_dict",
     "TRANSFER_MODES",
     "FREEZE_MODES",
@@ -194,6 +195,22 @@ def _selected(key: str, transfer: str) -> bool:
     return key.startswith("transformer.")
 
 
+def require_pretrained(path: Optional[Union[str, os.PathLike]], transfer: str = "encoder") -> bool:
+    """Check, before any data is touched, that ``path`` exists when ``transfer`` needs it (True if usable)."""
+    if transfer == "none":
+        return True
+    if not path:
+        raise CheckpointError("transfer needs a pretrained_path; pass --transfer none to train from scratch")
+    if not os.path.isfile(os.fspath(path)):
+        raise CheckpointError(
+            f"{os.path.normpath(os.fspath(path))}: pretrained checkpoint not found; run the retina_pretrain bundle "
+            "first (its demo: python -m monai.bundle run --config_file \"['configs/train.json','configs/demo.json']\" "
+            "in bundles/retina_pretrain), point --pretrained_path at a checkpoint, or pass --transfer none to train "
+            "from scratch"
+        )
+    return True
+
+
 def freeze_part(model: nn.Module, what: str = "transformer") -> nn.Module:
     """Freeze ``what`` (``"transformer"``: the ViT blocks and final norm; ``"none"``)."""
     if what not in FREEZE_MODES:
@@ -223,13 +240,7 @@ def transfer_pretrained(
         raise CheckpointError(f"transfer must be one of {TRANSFER_MODES}, got {transfer!r}")
     n_tensors = 0
     if transfer != "none":
-        if not path:
-            raise CheckpointError("transfer needs a pretrained_path; pass --transfer none to train from scratch")
-        if not os.path.isfile(os.fspath(path)):
-            raise CheckpointError(
-                f"{os.fspath(path)}: pretrained checkpoint does not exist; run the retina_pretrain bundle first, "
-                "point --pretrained_path at a checkpoint, or pass --transfer none to train from scratch"
-            )
+        require_pretrained(path, transfer)
         sd = _fit_position_embeddings(read_state_dict(path), model)
         model_sd = model.state_dict()
         chosen = {k: v for k, v in sd.items() if _selected(k, transfer) and k in model_sd}

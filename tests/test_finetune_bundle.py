@@ -163,10 +163,11 @@ def test_missing_pretrained_checkpoint_is_a_clear_error(tmp_path):
     assert "--transfer none" in str(err) and "retina_pretrain" in str(err)
     # `monai.bundle run` stops in `initialize`, before touching data, with that one line and exit status 1
     wf = ConfigWorkflow(config_file=_configs("train", "demo"), meta_file=META, logging_file=False, bundle_root=str(tmp_path / "x"))
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(Exception) as stop:
         wf.initialize()
-    msg = str(stop.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg and "--transfer none" in msg and "retina_pretrain" in msg
+    msg = str(_cause(stop.value, CheckpointError))
+    assert "\n" not in msg and "pretrained checkpoint not found" in msg
+    assert "--transfer none" in msg and "retina_pretrain" in msg
     assert not (tmp_path / "x").exists()  # no demo data written
     # --transfer none trains from random initialisation without any checkpoint
     assert _parser("train", "demo", bundle_root=str(tmp_path), transfer="none").get_parsed_content("network") is not None

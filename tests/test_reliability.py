@@ -327,7 +327,7 @@ CASES: dict[str, Case] = {
     "ft_pretrained_path_missing": Case(
         "finetune", TRAIN,
         lambda t: ["--bundle_root", t / "root", "--dataset_dir", _labelled(t / "ds"), "--pretrained_path", t / "none.pt"],
-        "error", lambda t: [str(t / "none.pt"), "pretrained checkpoint not found", "--transfer none"]),
+        "checkpoint", lambda t: [str(t / "none.pt"), "pretrained checkpoint not found", "--transfer none"]),
     "ft_checkpoint_is_a_code_pickle": Case(
         "finetune", TRAIN, _ft_evil, "checkpoint",
         lambda t: [str(t / "evil.pt"), "not a loadable weights-only checkpoint"], needs_flag=True, check=_no_code_ran),
