@@ -13,6 +13,7 @@ MONAI has no equivalent with the reference's numerics (GroupNorm eps, zero-padde
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -35,6 +36,10 @@ __all__ = [
     "TransUNet",
     "transunet_from_preset",
     "resample_position_embeddings",
+    "head_mismatch",
+    "HeadMismatchError",
+    "encode_record",
+    "decode_record",
 ]
 
 HEADS = ("segmentation", "reconstruction")
@@ -327,6 +332,28 @@ class TransUNet(nn.Module):
         self.transformer = ViTEncoder(hidden_size, num_heads, mlp_dim, num_layers, dropout_rate)
         self.decoder = CupDecoder(hidden_size, decoder_channels, self.cnn.skip_channels, n_skip)
         self.head = nn.Conv2d(decoder_channels[-1], self.out_channels, kernel_size=3, padding=1)
+        # how images were mapped to this network's input (custom.intensity); saved with the weights
+        self.input_intensity = None
+
+    # The state dict carries what the weights are for (torch's documented extra-state hook), so a
+    # pretraining checkpoint is never taken for a segmentation one and every checkpoint knows its input.
+    # It is JSON in a uint8 tensor: tools that treat every state-dict value as a tensor keep working.
+    @torch.jit.unused
+    def get_extra_state(self) -> torch.Tensor:
+        """``{"head", "out_channels", "input_intensity"}`` as :func:`encode_record`, the ``_extra_state`` entry."""
+        return encode_record(
+            {"head": self.head_kind, "out_channels": self.out_channels, "input_intensity": self.input_intensity}
+        )
+
+    @torch.jit.unused
+    def set_extra_state(self, state) -> None:
+        """Restore ``input_intensity``; refuse weights trained for the other head (same keys and shapes)."""
+        record = decode_record(state)
+        head = record.get("head", self.head_kind)
+        if head != self.head_kind:
+            raise HeadMismatchError(head_mismatch(head, self.head_kind))
+        if record.get("input_intensity") is not None:
+            self.input_intensity = dict(record["input_intensity"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
@@ -335,6 +362,38 @@ class TransUNet(nn.Module):
         grid = (feats.shape[-2], feats.shape[-1])
         tokens = self.transformer(self.embeddings(feats))
         return self.head(self.decoder(tokens, grid, skips))
+
+
+def encode_record(record: dict) -> torch.Tensor:
+    """A JSON-ready dict as a 1D uint8 tensor (its UTF-8 JSON text)."""
+    return torch.tensor(list(json.dumps(record, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_record(value) -> dict:
+    """Inverse of :func:`encode_record`; a dict is returned as it is, anything unreadable as ``{}``."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.ndim == 1:
+        try:
+            out = json.loads(bytes(value.tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return {}
+        return out if isinstance(out, dict) else {}
+    return {}
+
+
+class HeadMismatchError(ValueError):
+    """Weights trained for another head (reported by ``custom.errors`` as a checkpoint error)."""
+
+
+def head_mismatch(saved: str, wanted: str) -> str:
+    """Why weights of head ``saved`` cannot serve a network with head ``wanted`` (one line)."""
+    what = {"reconstruction": "a pretraining (reconstruction) checkpoint",
+            "segmentation": "a fine-tuned segmentation checkpoint"}
+    use = {"segmentation": "use the retina_finetune bundle's models/model.pt (or pass it as a pretrained_path "
+                           "for fine-tuning)",
+           "reconstruction": "use the retina_pretrain bundle's models/model.pt"}
+    return f"the weights are {what.get(saved, saved)}, not {what.get(wanted, wanted)}; {use.get(wanted, '')}"
 
 
 def transunet_from_preset(preset: str = "retina", **overrides) -> TransUNet:

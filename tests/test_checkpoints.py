@@ -15,7 +15,7 @@ from custom.checkpoints import (
     read_state_dict,
     transfer_pretrained,
 )
-from custom.transunet import TransUNet, transunet_from_preset
+from custom.transunet import TransUNet, decode_record, transunet_from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -58,7 +58,8 @@ def test_reference_key_layouts_map_onto_our_network(config, preset, classes):
     head = "reconstruction" if config.startswith("pretrain") else "segmentation"
     model_sd = transunet_from_preset(preset, out_channels=classes, head=head).state_dict()
     assert set(ours) == set(model_sd)
-    assert all(tuple(ours[k].shape) == tuple(model_sd[k].shape) for k in ours)
+    assert all(tuple(ours[k].shape) == tuple(model_sd[k].shape) for k in ours if k != "_extra_state")
+    assert decode_record(ours["_extra_state"])["head"] == head  # the converted weights say which head they hold
 
 
 @needs_reference
@@ -152,6 +153,7 @@ def test_transfer_modes_and_freezing(tmp_path, transfer, n_expected):
     before = {k: v.clone() for k, v in seg.state_dict().items()}
     transfer_pretrained(seg, path if transfer != "none" else None, transfer=transfer, freeze="transformer")
     after, pre_sd = seg.state_dict(), pre.state_dict()
+    assert decode_record(after.pop("_extra_state"))["head"] == "segmentation"  # the record is not transferred
     for k in after:
         copied = transfer == "encoder" and not k.startswith(("decoder.", "head.")) or (
             transfer == "transformer" and k.startswith("transformer."))

@@ -1,0 +1,231 @@
+"""What a training run is, so that a rerun resumes only itself and two runs never share a folder.
+
+- :class:`RunSettings`: the training-relevant settings of a run (data files, classes, preset, crop,
+  schedule) as a checkpointable object: put it in the resume checkpoint's ``save_dict``; on a
+  rerun, :func:`check_resume` compares the checkpoint's record with the new settings *before*
+  anything is trained and refuses, naming what changed, instead of silently continuing another
+  run (or dying on a head that no longer fits).
+- :func:`lock_folder`: a lock file in a training's output folders, so a second training started
+  there stops with one line instead of overwriting the first one's checkpoints and ``model.pt``.
+  The lock of a process that no longer runs (killed, machine rebooted) is taken over.
+- :class:`StopAtIteration`: ends training at exactly ``iterations`` (the last epoch shortened),
+  with that epoch's validation and checkpoints, so ``--iterations 10`` with ``val_interval`` 250
+  trains 10 iterations, not 250.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+__all__ = ["RunSettings", "check_resume", "lock_folder", "StopAtIteration", "LOCK_NAME"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".retina-training.lock"
+#: the entry of a resume checkpoint that holds the settings
+SETTINGS_KEY = "run_settings"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of a settings value (paths as str, tuples as lists, items lists digested)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(_plain(value), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _items_record(items: Sequence[Any]) -> dict[str, Any]:
+    """A dataset list as its size, its first file and a digest of all its (absolute) paths."""
+    paths = []
+    for item in items:
+        values = item.values() if isinstance(item, Mapping) else [item]
+        paths.append([os.path.abspath(os.fspath(v)) if isinstance(v, (str, os.PathLike)) else _plain(v) for v in values])
+    first = paths[0][0] if paths and paths[0] else None
+    return {"count": len(paths), "first": first, "digest": _digest(paths)}
+
+
+class RunSettings:
+    """The settings that make a training what it is, as a checkpointable record.
+
+    Args:
+        settings: name -> value (numbers, strings, lists, dicts). Values named in ``item_lists``
+            are dataset lists and are recorded as their size, first file and a digest of all paths.
+        item_lists: which settings are dataset lists (default ``("train_items", "val_items")``).
+    """
+
+    def __init__(self, settings: Mapping[str, Any], item_lists: Sequence[str] = ("train_items", "val_items")) -> None:
+        self.settings = {
+            k: _items_record(v) if k in item_lists else _plain(v) for k, v in dict(settings).items()
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "digest": _digest(self.settings)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Loading a record that differs refuses (``check_resume`` normally found it before)."""
+        problem = self.differences(state)
+        if problem:
+            from custom.errors import ConfigError
+
+            raise ConfigError(problem)
+
+    def differences(self, state: Optional[Mapping[str, Any]]) -> str:
+        """Empty when ``state`` (a :meth:`state_dict`) records the same settings, else what differs (one line)."""
+        old = dict((state or {}).get("settings") or {})
+        changed = []
+        for k in sorted(set(old) | set(self.settings)):
+            if old.get(k) != self.settings.get(k):
+                changed.append(f"{k} {_short(old.get(k, '(not set)'))} -> {_short(self.settings.get(k, '(not set)'))}")
+        return "; ".join(changed)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    if isinstance(value, Mapping) and "digest" in value and "count" in value:
+        text = f"{value['count']} items from {value.get('first')}"
+    else:
+        text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_resume(checkpoint: Union[str, os.PathLike, None], settings: RunSettings) -> bool:
+    """Refuse to resume ``checkpoint`` when it was written by a run with other settings (True otherwise).
+
+    Checkpoints written before settings were recorded resume as they did, with a warning.
+
+    Raises:
+        custom.errors.ConfigError: ``"<checkpoint>: written by a training with other settings (...); ..."``.
+    """
+    if not checkpoint:
+        return True
+    import torch
+
+    from custom.errors import ConfigError
+
+    state = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
+    record = state.get(SETTINGS_KEY) if isinstance(state, Mapping) else None
+    if record is None:
+        logger.warning("%s: records no run settings (an older checkpoint); resuming it as it is", checkpoint)
+        return True
+    changed = settings.differences(record)
+    if changed:
+        folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
+        raise ConfigError(
+            f"{os.fspath(checkpoint)}: written by a training with other settings ({changed}); not resuming it: "
+            f"pass --resume False to start a new training here (its checkpoints in {folder} are then replaced), "
+            "or choose another --bundle_root"
+        )
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_lock(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _release(path: str, token: str) -> None:
+    if _read_lock(path).get("token") == token:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def lock_folder(folders: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> bool:
+    """Take the training lock of each folder (a ``.retina-training.lock`` file) until this process exits.
+
+    Only the first process of a distributed run (``RANK`` 0 or unset) takes locks. A lock held by
+    a running process on this host, or by any process on another host, stops this one; a lock whose
+    process is gone is taken over with a warning.
+
+    Raises:
+        custom.errors.ConfigError: ``"<folder>: another training (pid N on host, started ...) is using this
+            folder; ..."``.
+    """
+    from custom.errors import ConfigError
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return True
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    host = socket.gethostname()
+    token = f"{host}:{os.getpid()}:{time.time_ns()}"
+    mine = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": token}
+    for folder in dict.fromkeys(os.path.abspath(os.fspath(f)) for f in folders):
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, LOCK_NAME)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                held = _read_lock(path)
+                pid, where = int(held.get("pid", -1) or -1), held.get("host", "?")
+                if held.get("token") == token:
+                    break
+                if where == host and pid == os.getpid():  # this process trains again (MONAI Label's server)
+                    os.remove(path)
+                    continue
+                if where == host and pid > 0 and not _alive(pid) or not held:
+                    logger.warning("%s: taking over the lock of a training that no longer runs (pid %s)", folder, pid)
+                    os.remove(path)
+                    continue
+                raise ConfigError(
+                    f"{folder}: another training (pid {pid} on {where}, started {held.get('started', '?')}) is using "
+                    f"this folder; wait for it to finish, or choose another --bundle_root (if no such training "
+                    f"runs, delete {path})"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(mine, f)
+            atexit.register(_release, path, token)
+            break
+    return True
+
+
+class StopAtIteration:
+    """Ignite handler: end the trainer's epoch at iteration ``iterations`` (a shortened last epoch).
+
+    Ignite's ``Engine.terminate_epoch`` still fires ``EPOCH_COMPLETED``, so the validation and the
+    epoch-level checkpoints of that epoch happen; with ``max_epochs = ceil(iterations / epoch_length)``
+    the run then completes. Iteration counts restored on resume are honoured.
+    """
+
+    def __init__(self, iterations: int) -> None:
+        self.iterations = int(iterations)
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=self.iterations), self)
+
+    def __call__(self, engine: Any) -> None:
+        if engine.state.iteration % engine.state.epoch_length:  # only a run that would go on needs it
+            engine.terminate_epoch()
