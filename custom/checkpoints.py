@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .transunet import resample_position_embeddings
+from .transunet import decode_record, encode_record, head_mismatch, resample_position_embeddings
 
 __all__ = [
     "CheckpointError",
@@ -27,7 +27,9 @@ __all__ = [
     "transfer_pretrained",
     "freeze_part",
     "require_pretrained",
+    "continues_from",
     "save_state_dict",
+    "read_checkpoint_meta",
     "TRANSFER_MODES",
     "FREEZE_MODES",
 ]
@@ -35,6 +37,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 POS_KEY = "embeddings.position_embeddings"
+#: the state-dict entry of ``TransUNet.get_extra_state`` (head kind, intensity record)
+EXTRA_KEY = "_extra_state"
 TRANSFER_MODES = ("encoder", "transformer", "none")
 FREEZE_MODES = ("transformer", "none")
 
@@ -90,6 +94,7 @@ def convert_reference_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, to
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"unrecognised keys in reference checkpoint: {', '.join(unknown[:8])}")
+    out[EXTRA_KEY] = encode_record({"head": "reconstruction" if has_recon else "segmentation", "input_intensity": None})
     return out
 
 
@@ -162,8 +167,22 @@ def _mismatches(sd: Mapping, model_sd: Mapping) -> list[str]:
     return [
         f"{k} {tuple(sd[k].shape)} vs {tuple(model_sd[k].shape)}"
         for k in sd
-        if k in model_sd and sd[k].shape != model_sd[k].shape
+        if k in model_sd and k != EXTRA_KEY and sd[k].shape != model_sd[k].shape
     ]
+
+
+def read_checkpoint_meta(path: Union[str, os.PathLike, Mapping]) -> dict:
+    """The ``_extra_state`` record of our checkpoint (``{"head", "out_channels", "input_intensity"}``), or ``{}``
+    for weights that carry none (the authors' releases, checkpoints written before the record existed)."""
+    return decode_record(read_state_dict(path).get(EXTRA_KEY))
+
+
+def _check_head(sd: Mapping, model: nn.Module, source: str) -> None:
+    """Refuse weights whose recorded head kind (reconstruction vs segmentation) is not the model's."""
+    wanted = getattr(model, "head_kind", None)
+    saved = decode_record(sd.get(EXTRA_KEY)).get("head")
+    if saved is not None and wanted is not None and saved != wanted:
+        raise CheckpointError(f"{source}: {head_mismatch(saved, wanted)}")
 
 
 def load_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping], strict: bool = True) -> nn.Module:
@@ -174,7 +193,10 @@ def load_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
     """
     source = "state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
     sd = _fit_position_embeddings(read_state_dict(checkpoint), model)
+    _check_head(sd, model, source)
     model_sd = model.state_dict()
+    if EXTRA_KEY in model_sd and EXTRA_KEY not in sd:  # weights without a record: keep the model's
+        sd[EXTRA_KEY] = model_sd[EXTRA_KEY]
     problems = _mismatches(sd, model_sd)
     if strict:
         problems += [f"missing {k}" for k in model_sd if k not in sd]
@@ -190,23 +212,53 @@ def load_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
 
 
 def _selected(key: str, transfer: str) -> bool:
+    if key == EXTRA_KEY:  # the record describes the source network (its head, its input), not this one
+        return False
     if transfer == "encoder":
         return not (key.startswith("decoder.") or key.startswith("head."))
     return key.startswith("transformer.")
 
 
-def require_pretrained(path: Optional[Union[str, os.PathLike]], transfer: str = "encoder") -> bool:
-    """Check, before any data is touched, that ``path`` exists when ``transfer`` needs it (True if usable)."""
-    if transfer == "none":
+def continues_from(
+    path: Optional[Union[str, os.PathLike]],
+    transfer: str = "encoder",
+    continue_from: Optional[Union[str, os.PathLike]] = None,
+) -> Optional[str]:
+    """``continue_from`` when a fine-tuning run continues from existing weights instead of transferring, else None.
+
+    That is when ``transfer`` needs the pretrained checkpoint ``path`` but it is not there, and
+    ``continue_from`` (the bundle's own ``models/model.pt``) is: a bundle downloaded from the model
+    zoo, or served by MONAI Label (which trains on from ``models/model.pt``), without the
+    ``retina_pretrain`` bundle beside it. The fine-tuned weights already hold a trained encoder.
+    """
+    if transfer == "none" or not continue_from or (path and os.path.isfile(os.fspath(path))):
+        return None
+    return os.fspath(continue_from) if os.path.isfile(os.fspath(continue_from)) else None
+
+
+def require_pretrained(
+    path: Optional[Union[str, os.PathLike]],
+    transfer: str = "encoder",
+    continue_from: Optional[Union[str, os.PathLike]] = None,
+) -> bool:
+    """Check, before any data is touched, that ``path`` exists when ``transfer`` needs it (True if usable).
+
+    With ``continue_from`` (the bundle's ``models/model.pt``) an absent ``path`` is fine when that file
+    exists: :func:`transfer_pretrained` then continues from it (:func:`continues_from`).
+    """
+    if transfer == "none" or continues_from(path, transfer, continue_from):
         return True
+    own = (
+        f", place weights to continue from at {os.path.normpath(os.fspath(continue_from))}" if continue_from else ""
+    )
     if not path:
-        raise CheckpointError("transfer needs a pretrained_path; pass --transfer none to train from scratch")
+        raise CheckpointError(f"transfer needs a pretrained_path{own}; pass --transfer none to train from scratch")
     if not os.path.isfile(os.fspath(path)):
         raise CheckpointError(
             f"{os.path.normpath(os.fspath(path))}: pretrained checkpoint not found; run the retina_pretrain bundle "
             "first (its demo: python -m monai.bundle run --config_file \"['configs/train.json','configs/demo.json']\" "
-            "in bundles/retina_pretrain), point --pretrained_path at a checkpoint, or pass --transfer none to train "
-            "from scratch"
+            f"in bundles/retina_pretrain), point --pretrained_path at a checkpoint{own}, or pass --transfer none to "
+            "train from scratch"
         )
     return True
 
@@ -226,6 +278,7 @@ def transfer_pretrained(
     path: Optional[Union[str, os.PathLike]] = None,
     transfer: str = "encoder",
     freeze: str = "transformer",
+    continue_from: Optional[Union[str, os.PathLike]] = None,
 ) -> nn.Module:
     """Copy pretrained encoder weights into a segmentation model and freeze part of it.
 
@@ -235,10 +288,27 @@ def transfer_pretrained(
         transfer: ``"encoder"`` (everything but decoder and head, as the authors' code),
             ``"transformer"`` (ViT blocks and final norm, as the paper's text) or ``"none"``.
         freeze: ``"transformer"`` (the paper's default) or ``"none"``.
+        continue_from: the bundle's own weights (``models/model.pt``). When ``path`` is absent and
+            this file exists (:func:`continues_from`), the transfer is skipped and the whole network
+            is loaded from it (:func:`load_weights`, strict), with one warning in the log: training
+            continues from the bundle's weights, as MONAI Label does (its ``CheckpointLoader`` of the
+            same file then loads the same weights again).
     """
     if transfer not in TRANSFER_MODES:
         raise CheckpointError(f"transfer must be one of {TRANSFER_MODES}, got {transfer!r}")
     n_tensors = 0
+    own = continues_from(path, transfer, continue_from)
+    if own is not None:
+        load_weights(model, own)
+        freeze_part(model, freeze)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.warning(
+            "%s: pretrained checkpoint not found; continuing from the bundle's own weights %s (no %r transfer); "
+            "freeze %r: %d of %d parameters trainable",
+            os.path.normpath(os.fspath(path)) if path else "pretrained_path", own, transfer, freeze, trainable,
+            sum(p.numel() for p in model.parameters()),
+        )
+        return model
     if transfer != "none":
         require_pretrained(path, transfer)
         sd = _fit_position_embeddings(read_state_dict(path), model)

@@ -6,9 +6,20 @@ Conventions used throughout this module:
   section (slowest) axis, whatever the file format stores on disk.
 - A *path* is a file, or a folder of per-slice 2D images that reads as one volume (slices in
   natural order: ``s2.png`` before ``s10.png``).
+- Layouts are read as a user means them. A trailing axis of length 1 is a channel and is
+  dropped: ``(Y, X, 1)`` (a gray image saved channel-last) is the 2D image ``(Y, X)``, not Y
+  slices of X x 1 pixels, and ``(Z, Y, X, 1)`` is the volume ``(Z, Y, X)``. Beyond three axes,
+  other length-1 axes are dropped too (``(1, Z, Y, X)``, ``(Z, 1, Y, X)``: time or channel
+  axes of ImageJ/OME stacks and 4D NIfTI). A leading 1 of three axes stays: ``(1, Y, X)`` is a
+  one-slice volume (a single-section stack, or a 2D NIfTI stored as ``(x, y, 1)``); its one xy
+  slice is the image (train it with ``planes`` ``"xy"``: its xz/yz slices are one pixel thick).
 - HDF5 files hold several datasets; ``key`` names one. Without a key, images use the first of
-  :data:`IMAGE_H5_KEYS`, labels the first of :data:`LABEL_H5_KEYS`, else the file's first
-  dataset. Dataset items may carry ``"<key>_key"`` (e.g. ``"label_key": "labels"``).
+  :data:`IMAGE_H5_KEYS`, labels the first of :data:`LABEL_H5_KEYS`; a file with a single
+  dataset uses it. A file with several datasets and none of those names is refused with the
+  list of its datasets (never guessed: a file with ``volume`` and ``label`` would otherwise
+  train on the label as the image). Dataset items may carry ``"<key>_key"`` (e.g.
+  ``"image_key": "volume"``); :func:`pair_images_labels` adds them to the items of HDF5 files
+  (the ``retina_finetune`` settings ``h5_image_key`` / ``h5_label_key``).
 - Every problem a user can cause with a file raises :class:`DatasetError` with a one-line
   message ``"<path>: <problem>"``, never a raw traceback of tifffile, PIL or h5py.
 - Nothing reads pixel data unless asked: :func:`find_em_files` lists names,
@@ -44,9 +55,11 @@ __all__ = [
     "LABEL_H5_KEYS",
     "LoadEMSliced",
     "SliceDataset",
+    "check_foreground",
     "em_format",
     "em_shape",
     "find_em_files",
+    "no_foreground_error",
     "pair_images_labels",
     "read_em",
     "read_em_slice",
@@ -354,14 +367,30 @@ def _h5_dataset(f, path: str, key: str | None, role: str):
         if not isinstance(obj, h5py.Dataset):
             raise _error(path, f"has no dataset '{key}' (datasets: {', '.join(_h5_names(f)) or 'none'})")
         return obj
-    for name in IMAGE_H5_KEYS if role == "image" else LABEL_H5_KEYS:
+    known = IMAGE_H5_KEYS if role == "image" else LABEL_H5_KEYS
+    for name in known:
         obj = f.get(name)
         if isinstance(obj, h5py.Dataset):
             return obj
     names = _h5_names(f)
     if not names:
         raise _error(path, "HDF5 file holds no dataset")
-    return f[names[0]]
+    if len(names) == 1:
+        return f[names[0]]
+    raise _h5_ambiguous(path, names, role)
+
+
+def _h5_ambiguous(path: str, names: list[str], role: str) -> DatasetError:
+    """Several datasets, none with a known name for ``role``: which one is meant is the user's call."""
+    other = LABEL_H5_KEYS if role == "image" else IMAGE_H5_KEYS
+    example = next((n for n in names if n.lower() not in other and n.rsplit("/", 1)[-1].lower() not in other), names[0])
+    known = IMAGE_H5_KEYS if role == "image" else LABEL_H5_KEYS
+    problem = (
+        f"HDF5 file holds {len(names)} datasets ({_names(names)}) and none has a known {role} name "
+        f"({', '.join(known)}); choose the {role} dataset: --h5_{role}_key {example} (retina_finetune), "
+        f"or \"{role}_key\": \"{example}\" in the dataset item"
+    )
+    return DatasetError(f"{path}: {_one_line(problem, 480)}")
 
 
 def _h5_names(f) -> list[str]:
@@ -486,8 +515,16 @@ def _read_folder(folder: str) -> np.ndarray:
 
 
 def _squeeze_extra(shape: Sequence[int]) -> tuple[int, ...]:
-    """Drop singleton axes while there are more than 3 axes: ``(1, Z, Y, X) -> (Z, Y, X)``."""
+    """The shape a stored array is read as (see the module docstring).
+
+    Trailing length-1 axes (a channel of one) are dropped down to two axes: ``(Y, X, 1) -> (Y, X)``,
+    ``(Z, Y, X, 1) -> (Z, Y, X)``. Then, while more than three axes are left, other length-1 axes,
+    first ones first: ``(1, Z, Y, X) -> (Z, Y, X)``, ``(Z, 1, Y, X) -> (Z, Y, X)``. Three axes with a
+    leading 1 stay: ``(1, Y, X)`` is a one-slice volume.
+    """
     shape = list(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
     while len(shape) > 3 and 1 in shape:
         del shape[shape.index(1)]
     return tuple(shape)
@@ -533,7 +570,8 @@ def read_em(path: PathLike, key: str | None = None, role: str = "image") -> np.n
     Returns:
         ``(Y, X)`` or ``(Z, Y, X)`` array in the file's dtype (native byte order), grayscale:
         RGB(A) is converted with a logged warning; NIfTI (x, y, z) is returned as (z, y, x).
-        Singleton axes beyond the third are dropped.
+        A trailing length-1 (channel) axis is dropped (``(Y, X, 1)`` is read as ``(Y, X)``), and
+        so are other length-1 axes beyond the third; ``(1, Y, X)`` stays a one-slice volume.
 
     Raises:
         DatasetError: missing, unreadable or truncated file; not 2D/3D; empty.
@@ -541,8 +579,9 @@ def read_em(path: PathLike, key: str | None = None, role: str = "image") -> np.n
     path = os.fspath(path)
     with _wrap_errors(path):
         arr = _native(_read_raw(path, key, role))
-        if arr.ndim > 3:
-            arr = arr.reshape(_squeeze_extra(arr.shape))
+        shape = _squeeze_extra(arr.shape)
+        if shape != arr.shape:
+            arr = arr.reshape(shape)
     _check_ndim(path, arr.shape)
     return arr
 
@@ -603,10 +642,13 @@ def read_em_slice(
     fmt = em_format(path)
     out = None
     with _wrap_errors(path):
-        if fmt == "hdf5" and len(shape) == 3:
+        raw_shape = _h5_shape(path, key, role) if fmt == "hdf5" else ()
+        if fmt == "hdf5" and tuple(raw_shape[:3]) == tuple(shape) and all(s == 1 for s in raw_shape[3:]):
+            # (Z, Y, X) or (Z, Y, X, 1): index the first three axes, drop the trailing channel
             sel = [slice(None)] * 3
             sel[_PLANE_AXIS[plane]] = index
             raw = _read_h5(path, key, role, tuple(sel))
+            raw = raw.reshape(raw.shape[:2]) if raw.ndim > 2 and all(s == 1 for s in raw.shape[2:]) else raw
             out = raw if raw.ndim == 2 else None
         elif fmt == "mrc":
             with _mrc(path) as m:
@@ -651,18 +693,105 @@ def to_unit_range(arr: np.ndarray | torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
+def _exists_error(path: PathLike) -> DatasetError:
+    return _error(path, "already exists; not replaced (overwrite is off)")
+
+
+def _refuse_existing(path: PathLike, overwrite: bool | None) -> None:
+    """Raise when ``path`` exists and ``overwrite`` is False."""
+    if overwrite is False and os.path.lexists(path):
+        raise _exists_error(path)
+
+
+def _move_no_clobber(tmp: Path, path: Path) -> None:
+    """Move the file ``tmp`` onto ``path`` unless ``path`` exists, atomically where the file system
+    has hard links (``link`` fails on an existing name, so two writers cannot both win)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError:  # no hard links here (FAT, some network file systems): check, then rename
+        if os.path.lexists(path):
+            raise _exists_error(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 @contextmanager
-def _atomic(path: Path):
+def _atomic(path: Path, overwrite: bool | None = None):
     """Yield a temporary name next to ``path`` (same suffixes, hidden) and move it onto
-    ``path`` when the block succeeds, so a reader never sees a half-written file."""
+    ``path`` when the block succeeds, so a reader never sees a half-written file.
+    With ``overwrite=False`` an existing ``path`` is never replaced (``DatasetError``)."""
+    _refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        if overwrite is False:
+            _move_no_clobber(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def slice_folder_problem(folder: PathLike) -> str | None:
+    """Why the existing folder ``folder`` may not be replaced by a folder of slices (None: it may).
+
+    Only a folder holding nothing but 2D image files (png/jpg/tif, hidden files aside) is
+    replaceable: a folder with sub-folders or other files is somebody's data, never deleted."""
+    try:
+        names = [n for n in os.listdir(folder) if not _is_hidden(n)]
+    except OSError as exc:
+        return f"cannot list folder ({_describe(exc)})"
+    for n in names:
+        p = os.path.join(folder, n)
+        if os.path.isdir(p):
+            return f"holds a sub-folder ({n}), not only image slices"
+        if _name_format(n) not in _SLICE_FORMATS:
+            return f"holds {n}, not only image slices"
+    return None
+
+
+def _write_folder(out: Path, arr: np.ndarray, pattern: str, compression: str | None, overwrite: bool | None) -> None:
+    """One 2D file per z slice, written into a hidden sibling folder renamed onto ``out`` at the end,
+    so a killed writer never leaves a partial folder that reads back as a shorter volume. An
+    existing ``out`` is replaced (unless ``overwrite`` is False) only when it holds nothing but
+    image slices (:func:`slice_folder_problem`); it is renamed away first and deleted last."""
+    import shutil
+
+    _refuse_existing(out, overwrite)
+    if os.path.lexists(out):
+        if not os.path.isdir(out) or os.path.islink(out):
+            raise _error(out, "exists and is not a folder; not replaced by a folder of slices")
+        problem = slice_folder_problem(out)
+        if problem is not None:
+            raise _error(out, f"exists and {problem}; not replaced (choose another output name)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = out.with_name(f".tmp-{tag}-{out.name}")
+    tmp.mkdir()
+    try:
+        for z, sl in enumerate(arr if arr.ndim == 3 else arr[None]):
+            write_em(tmp / pattern.format(z), sl, compression=compression)
+        if os.path.lexists(out):
+            if overwrite is False:
+                raise _exists_error(out)
+            old = out.with_name(f".old-{tag}-{out.name}")
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)  # fails on a non-empty folder that appeared meanwhile: nothing is lost
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _png_ready(arr: np.ndarray, path: PathLike) -> np.ndarray:
@@ -685,6 +814,7 @@ def write_em(
     key: str | None = None,
     pattern: str = "{:04d}.png",
     compression: str | None = None,
+    overwrite: bool | None = None,
 ) -> str:
     """Write a 2D ``(Y, X)`` or 3D ``(Z, Y, X)`` array; the format comes from ``path``'s suffix.
 
@@ -696,10 +826,16 @@ def write_em(
     - ``.nrrd`` (space fields copied from a NRRD ``reference``), ``.mrc``.
     - ``.png``: 2D only (uint8/uint16, or integers that fit).
     - a path without suffix (or an existing folder): one 2D file per z slice named
-      ``pattern.format(z)`` (PNG unless the pattern ends in .tif).
+      ``pattern.format(z)`` (PNG unless the pattern ends in .tif), written into a hidden sibling
+      folder that is renamed onto ``path`` at the end. An existing folder is replaced as a whole,
+      and only when it holds nothing but image slices (otherwise ``DatasetError``).
 
     Files are written to a temporary name and renamed, so a killed writer leaves no partial
-    file. Returns ``path`` as str.
+    file or folder under ``path`` (only a hidden ``.tmp-*`` sibling). ``overwrite``: ``False``
+    never replaces an existing ``path`` (``DatasetError`` "already exists", checked again at the
+    final rename); ``True`` replaces it (an HDF5 file as a whole); ``None`` (default) replaces it,
+    except that an existing HDF5 file keeps its other datasets (updated in place). Returns
+    ``path`` as str.
     """
     path_s = os.fspath(path)
     out = Path(path_s)
@@ -711,14 +847,12 @@ def write_em(
         fmt = "dir"
     try:
         if fmt == "dir":
-            out.mkdir(parents=True, exist_ok=True)
-            for z, sl in enumerate(arr if arr.ndim == 3 else arr[None]):
-                write_em(out / pattern.format(z), sl, compression=compression)
+            _write_folder(out, arr, pattern, compression, overwrite)
         elif fmt == "tiff":
             import tifffile
 
             data = arr.astype(np.uint8) if arr.dtype == bool else arr
-            with _atomic(out) as tmp:
+            with _atomic(out, overwrite) as tmp:
                 tifffile.imwrite(tmp, data, photometric="minisblack", compression=compression)
         elif fmt == "pil":
             if out.suffix.lower() != ".png":
@@ -727,18 +861,18 @@ def write_em(
                 raise _error(path_s, f"PNG is 2D; got shape {arr.shape} (write a folder of slices or a .tif stack)")
             from PIL import Image
 
-            with _atomic(out) as tmp:
+            with _atomic(out, overwrite) as tmp:
                 Image.fromarray(_png_ready(arr, path_s)).save(tmp, format="PNG")
         elif fmt == "nifti":
-            _write_nifti(out, arr, reference)
+            _write_nifti(out, arr, reference, overwrite)
         elif fmt == "hdf5":
-            _write_h5(out, arr, key or "label")
+            _write_h5(out, arr, key or "label", overwrite)
         elif fmt == "nrrd":
-            _write_nrrd(out, arr, reference)
+            _write_nrrd(out, arr, reference, overwrite)
         elif fmt == "mrc":
             import mrcfile
 
-            with _atomic(out) as tmp:
+            with _atomic(out, overwrite) as tmp:
                 with mrcfile.new(tmp, overwrite=True) as m:
                     m.set_data(arr.astype(np.uint8) if arr.dtype == bool else arr)
         else:
@@ -750,7 +884,7 @@ def write_em(
     return path_s
 
 
-def _write_nifti(out: Path, arr: np.ndarray, reference: PathLike | None) -> None:
+def _write_nifti(out: Path, arr: np.ndarray, reference: PathLike | None, overwrite: bool | None = None) -> None:
     import nibabel as nib
 
     data = arr.T
@@ -765,11 +899,11 @@ def _write_nifti(out: Path, arr: np.ndarray, reference: PathLike | None) -> None
             affine, header = ref.affine, ref.header.copy()
     img = nib.Nifti1Image(data, affine, header=header, dtype=data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    with _atomic(out) as tmp:
+    with _atomic(out, overwrite) as tmp:
         nib.save(img, tmp)
 
 
-def _write_h5(out: Path, arr: np.ndarray, key: str) -> None:
+def _write_h5(out: Path, arr: np.ndarray, key: str, overwrite: bool | None = None) -> None:
     import h5py
 
     def _put(f):
@@ -778,16 +912,16 @@ def _write_h5(out: Path, arr: np.ndarray, key: str) -> None:
         chunks = (1, *arr.shape[1:]) if arr.ndim == 3 and arr[0].nbytes <= 2**22 else True
         f.create_dataset(key, data=arr, compression="gzip", compression_opts=4, chunks=chunks)
 
-    if out.exists():
+    if out.exists() and overwrite is None:  # keep the file's other datasets
         with h5py.File(out, "a") as f:
             _put(f)
     else:
-        with _atomic(out) as tmp:
+        with _atomic(out, overwrite) as tmp:
             with h5py.File(tmp, "w") as f:
                 _put(f)
 
 
-def _write_nrrd(out: Path, arr: np.ndarray, reference: PathLike | None) -> None:
+def _write_nrrd(out: Path, arr: np.ndarray, reference: PathLike | None, overwrite: bool | None = None) -> None:
     import nrrd
 
     header: dict[str, Any] = {}
@@ -796,7 +930,7 @@ def _write_nrrd(out: Path, arr: np.ndarray, reference: PathLike | None) -> None:
             ref = nrrd.read_header(os.fspath(reference))
         header = {k: ref[k] for k in ("space", "space directions", "space origin", "space units") if k in ref}
     data = arr.astype(np.uint8) if arr.dtype == bool else arr
-    with _atomic(out) as tmp:
+    with _atomic(out, overwrite) as tmp:
         nrrd.write(os.fspath(tmp), data, header=header, index_order="C")
 
 
@@ -943,6 +1077,9 @@ class LoadEMSliced(MapTransform):
         cache_size: volumes kept in memory; 0 disables the cache.
         cache_max_voxels: volumes larger than this are never cached whole.
         as_tensor: return MetaTensors (default) or numpy arrays.
+        scale: images as float32 in [0, 1] by their dtype (:func:`to_unit_range`, the default), or
+            False: their raw values as float32, for ``custom.intensity.MapIntensityd`` to map as the
+            dataset's intensity record says (what the bundles do).
         allow_missing_keys: don't raise when a key is absent from an item.
     """
 
@@ -955,9 +1092,11 @@ class LoadEMSliced(MapTransform):
         cache_size: int = 4,
         cache_max_voxels: int = 2**27,
         as_tensor: bool = True,
+        scale: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.scale = scale
         self.label_keys = set(ensure_tuple(label_keys))
         self.label_dtype = np.dtype(label_dtype)
         self.h5_keys = dict(h5_keys or {})
@@ -993,7 +1132,10 @@ class LoadEMSliced(MapTransform):
             role = "label" if k in self.label_keys else "image"
             h5key = d.get(f"{k}_key", self.h5_keys.get(k))
             sl = self._slice(path, h5key, role, plane, index)
-            arr = _as_label(sl, path, self.label_dtype) if role == "label" else to_unit_range(sl)
+            if role == "label":
+                arr = _as_label(sl, path, self.label_dtype)
+            else:
+                arr = to_unit_range(sl) if self.scale else sl.astype(np.float32)
             arr = np.ascontiguousarray(arr)[None]
             if self.as_tensor:
                 meta = {
@@ -1104,6 +1246,7 @@ class EMReader(ImageReader):
                     "original_channel_dim": "no_channel",
                     "filename_or_obj": h.path,
                     "em_format": em_format(h.path),
+                    "em_dtype": str(arr.dtype),  # MONAI may convert it on loading (uint16 -> int32)
                 }
                 if meta["em_format"] == "nifti":
                     aff = _nifti_affine_zyx(h.path, arr.ndim)
@@ -1134,15 +1277,24 @@ def _names(paths: list[str], limit: int = 8) -> str:
     return shown + (f" ... (+{len(paths) - limit} more)" if len(paths) > limit else "")
 
 
-def pair_images_labels(image_dir: PathLike, label_dir: PathLike) -> list[dict]:
+def pair_images_labels(
+    image_dir: PathLike, label_dir: PathLike, image_h5_key: str | None = None, label_h5_key: str | None = None
+) -> list[dict]:
     """Match images and labels by file stem (path relative to each folder, suffix dropped).
 
     ``a/vol1.tif`` pairs with ``a/vol1.tif``, ``a/vol1.h5`` or ``a/vol1.nii.gz``; when exact
     stems leave files unmatched, a trailing ``_label``/``_mask``/``_seg``/``_gt`` (labels) and
     ``_image``/``_img``/``_raw`` (images) is ignored.
 
+    Args:
+        image_dir, label_dir: the two folders (searched recursively).
+        image_h5_key, label_h5_key: the HDF5 dataset of every HDF5 image / label (the bundle
+            settings ``h5_image_key`` / ``h5_label_key``), added to their items as ``"image_key"``
+            / ``"label_key"``; None: the default choice of the module docstring.
+
     Returns:
-        ``[{"image": path, "label": path}, ...]`` in the images' order.
+        ``[{"image": path, "label": path}, ...]`` in the images' order (plus ``"image_key"`` /
+        ``"label_key"`` for HDF5 files when the keys are given).
 
     Raises:
         DatasetError: a folder is missing or empty, names are ambiguous, or some files have no
@@ -1174,7 +1326,12 @@ def pair_images_labels(image_dir: PathLike, label_dir: PathLike) -> list[dict]:
             if lonely_l:
                 parts.append(f"{len(lonely_l)} label(s) without an image in {image_dir}: {_names(lonely_l)}")
             raise DatasetError(f"{image_dir}: images and labels do not match by name; " + "; ".join(parts))
-    return [{"image": img_idx[s], "label": lab_idx[s]} for s in img_idx]
+    items = [{"image": img_idx[s], "label": lab_idx[s]} for s in img_idx]
+    for item in items:
+        for k, h5key in (("image", image_h5_key), ("label", label_h5_key)):
+            if h5key and em_format(item[k]) == "hdf5":
+                item[f"{k}_key"] = str(h5key)
+    return items
 
 
 def _check_image_values(path: str, arr: np.ndarray) -> None:
@@ -1213,6 +1370,7 @@ def validate_items(
     image_key: str = "image",
     label_key: str = "label",
     check_data: bool = True,
+    h5_keys: Mapping[str, str] | None = None,
 ) -> None:
     """Check a dataset list once, before training, so a bad file costs seconds, not a run.
 
@@ -1226,19 +1384,24 @@ def validate_items(
             or bare image paths.
         num_classes: when given, label values must be ``< num_classes``.
         check_data: False checks headers only (for very large corpora).
+        h5_keys: default HDF5 dataset per entry, e.g. ``{"image": "volume"}`` (as
+            ``LoadEMSliced(h5_keys=...)``); an item's ``"<key>_key"`` wins.
 
     Raises:
         DatasetError: ``"<path>: <problem>"`` for the first unreadable/truncated file,
             image/label shape mismatch, label values ``>= num_classes``, negative or
-            non-integer labels, 1D or 4D+ arrays, or non-finite values.
+            non-integer labels, 1D or 4D+ arrays, non-finite values, or an HDF5 file whose
+            dataset is ambiguous (several, none with a known name: the message lists them).
     """
     seen: set[tuple] = set()
+    h5_keys = dict(h5_keys or {})
     for n, item in enumerate(items):
         d = _as_item(item, image_key)
         if image_key not in d:
             raise DatasetError(f"item {n}: no '{image_key}' entry ({d})")
         img, lab = os.fspath(d[image_key]), d.get(label_key)
-        img_key, lab_key = d.get(f"{image_key}_key"), d.get(f"{label_key}_key")
+        img_key = d.get(f"{image_key}_key", h5_keys.get(image_key))
+        lab_key = d.get(f"{label_key}_key", h5_keys.get(label_key))
         tag = (img, img_key, None if lab is None else os.fspath(lab), lab_key)
         if tag in seen:
             continue
@@ -1258,3 +1421,63 @@ def validate_items(
             seen.add((lab, lab_key, "label"))
             if check_data:
                 _check_label_values(lab, read_em(lab, lab_key, "label"), num_classes)
+
+
+def no_foreground_error(where: PathLike, n_pixels: int, n_files: int | None = None, hint: str | None = None) -> DatasetError:
+    """The one-line refusal of training labels without any foreground pixel (every value 0).
+
+    Nothing to learn: the run would end with a model that predicts background everywhere. Usually
+    a mask convention (foreground stored as a value the preparation did not map to a class) or
+    empty annotation files. Shared by :func:`check_foreground` (bundles) and
+    ``custom.prepare`` (dataset preparation).
+    """
+    files = f" of {n_files} file(s)" if n_files is not None else ""
+    hint = hint or "label the foreground as class 1, 2, ... (0 is background)"
+    return _error(where, f"no training label holds a foreground class (all {int(n_pixels)} pixels{files} are 0); {hint}")
+
+
+def check_foreground(
+    items: Iterable[Mapping | PathLike], label_key: str = "label", h5_keys: Mapping[str, str] | None = None
+) -> int:
+    """Refuse a training set whose labels hold no foreground class at all, before training.
+
+    Each distinct label file is read once, in order, until one holds a non-zero value (so a normal
+    dataset costs one label file). Items without a label are skipped.
+
+    Args:
+        items: the training items (dicts with ``label_key``, optional ``"<label_key>_key"`` HDF5
+            names), as ``train#dataset#data``; or bare label paths.
+        label_key: the items' label entry.
+        h5_keys: default HDF5 dataset per entry (an item's ``"<label_key>_key"`` wins).
+
+    Returns:
+        the number of foreground pixels found in the first label that has any.
+
+    Raises:
+        DatasetError: ``"<label folder>: no training label holds a foreground class (all N pixels
+            of K file(s) are 0); ..."``, naming the folder that holds the labels (the file when
+            there is one).
+    """
+    h5_keys = dict(h5_keys or {})
+    seen: set[tuple] = set()
+    paths: list[str] = []
+    n_pixels = 0
+    for item in items:
+        d = _as_item(item, label_key)
+        if d.get(label_key) is None:
+            continue
+        path = os.fspath(d[label_key])
+        key = d.get(f"{label_key}_key", h5_keys.get(label_key))
+        if (path, key) in seen:
+            continue
+        seen.add((path, key))
+        arr = read_em(path, key, "label")
+        found = int(np.count_nonzero(arr))
+        if found:
+            return found
+        n_pixels += int(arr.size)
+        paths.append(path)
+    if not paths:
+        return 0
+    where = paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths])
+    raise no_foreground_error(where, n_pixels, len(paths))

@@ -76,6 +76,7 @@ def _kind(exc: BaseException) -> Optional[str]:
     """Kind name of a user-fixable error, or None."""
     from custom.checkpoints import CheckpointError
     from custom.data import DatasetError
+    from custom.transunet import HeadMismatchError
 
     if isinstance(exc, TrackingError):
         return "tracking"
@@ -85,7 +86,7 @@ def _kind(exc: BaseException) -> Optional[str]:
         return "config"
     if isinstance(exc, DatasetError):
         return "dataset"
-    if isinstance(exc, CheckpointError):
+    if isinstance(exc, (CheckpointError, HeadMismatchError)):
         return "checkpoint"
     inference = sys.modules.get("custom.inference")
     if inference is not None and isinstance(exc, getattr(inference, "InferenceError", ())):
@@ -257,10 +258,12 @@ def check_config(checks: Mapping[str, Sequence]) -> bool:
         value, spec = pair
         expected = _check_one(value, spec)
         if expected is not None:
-            raise ConfigError(
-                f"{name}: expected {expected}, got {value!r} ({type(value).__name__}); "
-                f"fix it in the config or on the command line (--{name} ...)"
-            )
+            base = None if isinstance(spec, (list, tuple, set)) else str(spec).rstrip("?")
+            if base == "bool":  # fire passes --flag false / yes / 1 on as a string or an int
+                fix = f"write --{name} True or --{name} False (capitalised: Python's literals)"
+            else:
+                fix = f"fix it in the config or on the command line (--{name} ...)"
+            raise ConfigError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__}); {fix}")
     return True
 
 

@@ -4,7 +4,8 @@
   (falling back to the synthetic demo set when no folder is given), split by file.
 - :func:`latest_checkpoint`: the newest complete ``CheckpointSaver`` interval checkpoint in a folder, to resume.
 - :class:`AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` writing each file under a temporary name
-  and renaming it, so a run killed while saving never leaves a truncated checkpoint.
+  and renaming it, so a run killed while saving never leaves a truncated checkpoint; it keeps
+  ``n_saved`` interval checkpoints on disk across resumes (:func:`prune_checkpoints`).
 - :func:`resume_checkpoint` and :class:`ValidationState`: what a restarted training resumes from, and
   the best-model bookkeeping saved with it.
 - :func:`inference_items` / :func:`raise_failed_inputs`: the items of a folder to run inference on,
@@ -38,6 +39,7 @@ from monai.utils import path_to_sqlite_uri
 __all__ = [
     "pretraining_datalist",
     "latest_checkpoint",
+    "prune_checkpoints",
     "AtomicCheckpointSaver",
     "resume_checkpoint",
     "ValidationState",
@@ -204,6 +206,41 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint", s
     )
 
 
+_CKPT_NAME_RE = re.compile(r"^(.+)_(iteration|epoch)=(\d+)\.pt$")
+
+
+def prune_checkpoints(
+    ckpt_dir: str | os.PathLike,
+    prefix: str = "checkpoint",
+    score_name: str = "iteration",
+    n_saved: int = 1,
+    newest: str | None = None,
+) -> list[str]:
+    """Remove all but the ``n_saved`` newest ``{prefix}_{score_name}=N.pt`` files of ``ckpt_dir`` (largest N kept).
+
+    :class:`AtomicCheckpointSaver` calls it after each successful interval save (``newest``: the
+    file just written, always kept), so the checkpoint a resumed training started from does not
+    stay beside the new ones. Other files (``previous_*``, ``model.pt``, temporary files) are not
+    touched. Returns the removed paths.
+    """
+    folder = Path(ckpt_dir)
+    found = []
+    for p in folder.glob(f"{prefix}_{score_name}=*.pt"):
+        m = _CKPT_NAME_RE.match(p.name)
+        if m and m.group(1) == prefix and m.group(2) == score_name:
+            found.append((p.name == newest, int(m.group(3)), p))
+    found.sort(key=lambda t: (t[0], t[1]), reverse=True)  # the file just written first, then newest first
+    removed = []
+    for _, _, p in found[max(int(n_saved), 1):]:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(str(p))
+        logger.info(f"removed the older checkpoint {p} (n_saved={n_saved})")
+    return removed
+
+
 _DEFERRED_CLASSES: dict[type, type] = {}
 
 
@@ -227,6 +264,10 @@ def _deferred_removal(cls: type) -> type:
                     if (fixed or old) != written and (Path(self.dirname) / (fixed or old)).exists():
                         super().remove(old)
                 self._pending_removals = []
+                keep = getattr(self, "_prune_n_saved", None)  # interval checkpoints (AtomicCheckpointSaver)
+                m = _CKPT_NAME_RE.match(written)
+                if keep and m:
+                    prune_checkpoints(self.dirname, m.group(1), m.group(2), keep, newest=written)
 
         Deferred.__name__ = Deferred.__qualname__ = f"Deferred{cls.__name__}"
         _DEFERRED_CLASSES[cls] = Deferred
@@ -243,6 +284,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
     renamed onto its name (Ignite's atomic mode, which since 0.4.x also adds group/other read
     permission), and the replaced file is deleted only after that, so the newest checkpoint on disk
     is always whole.
+
+    Interval checkpoints keep ``n_saved`` files on disk, also across a resume: Ignite counts only
+    the files its own process wrote, so the checkpoint a resumed run started from (e.g.
+    ``checkpoint_epoch=1.pt`` next to the new ``checkpoint_epoch=3.pt``) would stay forever. After
+    each successful interval save the older ``{prefix}_{epoch|iteration}=N.pt`` files beyond
+    ``n_saved`` are removed (:func:`prune_checkpoints`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -254,6 +301,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
                     raise RuntimeError("this Ignite's DiskSaver has no atomic mode; AtomicCheckpointSaver needs one")
                 handler._atomic = True
                 handler.__class__ = _deferred_removal(type(handler))
+                if ckpt is self._interval_checkpoint:
+                    handler._prune_n_saved = getattr(ckpt, "n_saved", None)
 
 
 def resume_checkpoint(
@@ -559,14 +608,22 @@ def _stem(path: str) -> str:
 
 
 class ReconstructionWriter:
-    """Write the reconstruction of every inference item as ``output_dir/<name><output_ext>``.
+    """Write the reconstruction of every inference item as ``output_dir/<sub-folder>/<name><output_ext>``.
 
     Attach to a ``SupervisedEvaluator`` whose items carry the source path under ``path_key`` and
     the ``"plane"``/``"index"`` of ``custom.data.slice_items``, and whose postprocessing maps
     ``key`` back to [0, 1]. ``<name>`` is the source file's stem, plus ``_<plane><index:04d>``
-    for slices of 3D stacks. ``.png`` is written as uint8 (0-255), ``.tif``/``.tiff`` as float32,
-    through ``custom.data.write_em``. With ``input_suffix`` the (possibly degraded) input
-    ``input_key`` is written as well, as ``<name><input_suffix><output_ext>``.
+    for slices of 3D stacks; ``<sub-folder>`` is the source's folder below ``root`` (the
+    ``dataset_dir``), so same-named files of different folders get different outputs. ``.png`` is
+    written as uint8 (0-255), ``.tif``/``.tiff`` as float32, through ``custom.data.write_em``. With
+    ``input_suffix`` the (possibly degraded) input ``input_key`` is written as well, as
+    ``<name><input_suffix><output_ext>``.
+
+    Call :meth:`plan` with the items before the run: it refuses (one ``custom.errors.OutputError``
+    line) outputs that would land on an input, that two items share, or that exist already (unless
+    ``overwrite``). Writes never replace an existing file unless ``overwrite``. With MONAI's
+    ``MLFlowHandler`` on the same engine (``--tracking mlflow``), the list of outputs is logged to
+    its run as ``outputs.tsv`` (input, output) when the run completes.
 
     Args:
         output_dir: output folder (created).
@@ -574,6 +631,8 @@ class ReconstructionWriter:
         key: the reconstruction's output key.
         path_key: item key of the source path.
         input_key, input_suffix: also write this output key under this suffix (None: don't).
+        root: the folder the sources were found in (None: every output directly in ``output_dir``).
+        overwrite: replace outputs that exist already.
     """
 
     def __init__(
@@ -584,14 +643,51 @@ class ReconstructionWriter:
         path_key: str = "image_path",
         input_key: str = "image",
         input_suffix: str | None = None,
+        root: str | os.PathLike | None = None,
+        overwrite: bool = False,
     ) -> None:
-        if output_ext.lower() not in (".png", ".tif", ".tiff"):
+        if not isinstance(output_ext, str) or output_ext.lower() not in (".png", ".tif", ".tiff"):
             raise ValueError(f"output_ext must be .png, .tif or .tiff, got {output_ext!r}")
         self.output_dir = Path(output_dir)
         self.output_ext = output_ext
         self.key, self.path_key = key, path_key
         self.input_key, self.input_suffix = input_key, input_suffix
+        self.root = os.fspath(root) if root is not None else None
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+        self.overwrite = overwrite
         self.written: list[str] = []
+        self._rows: list[tuple[str, str]] = []
+
+    def output_paths(self, item: Mapping[str, Any]) -> list[str]:
+        """The files written for one item: the reconstruction, then the input copy (with ``input_suffix``)."""
+        from custom.inference import input_subfolder
+
+        src = str(item[self.path_key])
+        name = _stem(src)
+        index = int(item.get("index", -1))
+        if index >= 0:
+            name += f"_{item.get('plane', 'xy')}{index:04d}"
+        folder = self.output_dir / input_subfolder(src, self.root)
+        names = [name] + ([name + self.input_suffix] if self.input_suffix is not None else [])
+        return [os.path.normpath(str(folder / f"{n}{self.output_ext}")) for n in names]
+
+    def plan(self, items: Sequence[Mapping[str, Any]], inputs: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Source -> its output paths, checked by ``custom.inference.check_outputs`` against ``inputs``
+        (default: every EM file under ``root``, also those set aside as unreadable)."""
+        from custom import data
+        from custom.inference import check_outputs
+
+        plan: dict[str, list[str]] = {}
+        for item in items:
+            plan.setdefault(str(item[self.path_key]), []).extend(self.output_paths(item))
+        if inputs is None and self.root:
+            try:
+                inputs = data.find_em_files(self.root)
+            except data.DatasetError:
+                inputs = []
+        check_outputs(plan, list(inputs or []), self.overwrite)
+        return plan
 
     def attach(self, engine: Any) -> None:
         """Register on ``ITERATION_COMPLETED`` (after decollation and postprocessing) and ``COMPLETED``."""
@@ -602,8 +698,12 @@ class ReconstructionWriter:
 
     def _summary(self, engine: Any) -> None:
         logger.info(f"wrote {len(self.written)} images to {self.output_dir}")
+        handler = find_mlflow_handler(engine)
+        if handler is not None and handler.cur_run is not None:
+            text = "input\toutput\n" + "".join(f"{s}\t{p}\n" for s, p in self._rows)
+            handler.client.log_text(handler.cur_run.info.run_id, text, "outputs.tsv")
 
-    def _write(self, name: str, x: Any) -> None:
+    def _write(self, path: str, x: Any) -> None:
         from custom.data import write_em
 
         a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
@@ -611,8 +711,7 @@ class ReconstructionWriter:
         a = np.clip(a, 0.0, 1.0)
         if self.output_ext.lower() == ".png":
             a = (a * 255.0 + 0.5).astype(np.uint8)
-        path = str(self.output_dir / f"{name}{self.output_ext}")
-        write_em(path, a.astype(a.dtype, copy=False))
+        write_em(path, a.astype(a.dtype, copy=False), overwrite=self.overwrite)
         self.written.append(path)
 
     def __call__(self, engine: Any) -> None:
@@ -620,10 +719,8 @@ class ReconstructionWriter:
         if not isinstance(output, list):
             raise ValueError("ReconstructionWriter needs decollated outputs (SupervisedEvaluator decollate=True)")
         for item, out in zip(batch, output):
-            name = _stem(str(item[self.path_key]))
-            index = int(item.get("index", -1))
-            if index >= 0:
-                name += f"_{item.get('plane', 'xy')}{index:04d}"
-            self._write(name, out[self.key])
+            paths = self.output_paths(item)
+            self._write(paths[0], out[self.key])
             if self.input_suffix is not None:
-                self._write(name + self.input_suffix, out[self.input_key])
+                self._write(paths[1], out[self.input_key])
+            self._rows += [(str(item[self.path_key]), p) for p in paths]

@@ -175,6 +175,7 @@ def choose_range(fp: Mapping[str, Any], mapping: Union[str, Sequence[float]] = "
         raise ValueError(
             f"intensity range [{low:g}, {high:g}] is empty: the sampled images are constant ({fp['dtype']}, "
             f"value {low:g}); check the images or set intensity_mapping to [low, high]"
+            if fp.get("dtype") else f"intensity range [{low:g}, {high:g}] is empty; set [low, high] with low < high"
         )
     return float(low), float(high), how
 
@@ -194,22 +195,25 @@ def dataset_intensity(
     """The intensity record of a training set: fingerprint, ``[low, high]`` -> [0, 1], mean/std after it.
 
     ``mean``/``std`` given by the user are kept; otherwise they are measured on the mapped sample.
-    Logs one line saying what was chosen.
+    With a fixed ``[low, high]`` mapping and both ``mean`` and ``std`` given nothing is read (the record
+    then has no fingerprint). Prints one line saying what was chosen.
 
     Raises:
         custom.errors.ConfigError: the mapping is unknown, or the images are constant under it.
     """
     from custom.errors import ConfigError
 
-    sample, dtypes = _sample(items, image_key, **sample_kwargs)
-    fp = _describe_sample(sample, dtypes)
+    fixed = not isinstance(mapping, str) and mean is not None and std is not None
+    sample, dtypes = (None, []) if fixed else _sample(items, image_key, **sample_kwargs)  # all set: read nothing
+    fp = None if sample is None else _describe_sample(sample, dtypes)
     try:
-        low, high, how = choose_range(fp, mapping)
-    except ValueError as e:
+        low, high, how = choose_range(fp or {}, mapping)
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"intensity_mapping: {e}") from None
-    unit = _mapped(sample, low, high)
-    mean = float(unit.mean()) if mean is None else float(mean)
-    std = float(unit.std()) if std is None else float(std)
+    if sample is not None:
+        unit = _mapped(sample, low, high)
+        mean = float(unit.mean()) if mean is None else float(mean)
+        std = float(unit.std()) if std is None else float(std)
     if not std > 1e-6:
         raise ConfigError(
             f"intensity_std: the images are constant after mapping [{low:g}, {high:g}] -> [0, 1] (std {std:g}); "
@@ -321,7 +325,7 @@ class MapIntensityd(MapTransform):
         low, high = self.record.get("low"), self.record.get("high")
         if low is None or high is None:  # weights without a record: this image's own range
             values = _values(img)
-            dtype = str(_meta(img).get("em_dtype") or "float64")
+            dtype = str(_meta(img).get("em_dtype") or str(getattr(img, "dtype", values.dtype)).replace("torch.", ""))
             fp = {"dtype": dtype, "min": float(values.min()), "max": float(values.max()),
                   **dict(zip(("p0.5", "p99.5"), (float(v) for v in np.percentile(values, PERCENTILES))))}
             low, high, _ = choose_range(fp, "auto")

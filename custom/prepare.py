@@ -12,7 +12,10 @@ Images are uint8 (2D ``(Y, X)`` PNGs or 3D ``(Z, Y, X)`` TIFF stacks by default)
 has the image's shape and holds uint8 class indices (0 = background). An image and its label
 share the file name.
 
-``dataset.json`` doubles as a bundle config overlay: its top-level keys are the
+``dataset.json`` doubles as a bundle config overlay of plain values only (no ``$`` expressions,
+``_target_`` keys or file macros: :func:`custom.overlays.check_plain_config` checks it before it is
+written, and the bundles refuse an overlay from outside their ``configs/`` folder that holds code,
+so a shared dataset cannot run code): its top-level keys are the
 ``retina_finetune`` config entries of the dataset (``dataset_dir``, ``num_classes``,
 ``label_names``, ``eval_classes``, ``class_weights``, ``planes``, ``iterations``,
 ``intensity_mean``/``intensity_std`` of the training images in [0, 1], and augmentation switches),
@@ -56,7 +59,8 @@ from typing import Any
 
 import numpy as np
 
-from custom.data import DatasetError, em_shape, find_em_files, pair_images_labels, read_em, write_em
+from custom.data import DatasetError, em_shape, find_em_files, no_foreground_error, pair_images_labels, read_em, write_em
+from custom.overlays import check_plain_config
 
 __all__ = [
     "CREMI_BACKGROUND_ID",
@@ -640,9 +644,9 @@ class DatasetWriter:
         if not self.records["train"]:
             raise DatasetError(f"{self.source}: no training data found")
         if self.counts["train"][1:].sum() == 0:
-            raise DatasetError(
-                f"{self.source}: no training label holds a foreground class (all {int(self.counts['train'][0])} "
-                "pixels are 0); check that the masks follow the published convention"
+            raise no_foreground_error(
+                self.source, int(self.counts["train"][0]), len(self.records["train"]),
+                hint="check that the masks follow the published convention",
             )
         if not self.records["val"]:
             self.reporter.warn(f"no validation split written ({self.dst}/val is missing; the bundle expects one)")
@@ -667,6 +671,10 @@ class DatasetWriter:
             "warnings": list(self.reporter.warnings),
         }
         path = self.dst / "dataset.json"
+        try:  # an overlay from a dataset folder may hold plain values only (custom.overlays): never write code
+            check_plain_config(config, os.fspath(path))
+        except ValueError as e:
+            raise DatasetError(" ".join(str(e).split())) from None
         tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-dataset.json")
         tmp.write_text(json.dumps(config, indent=2) + "\n")
         os.replace(tmp, path)

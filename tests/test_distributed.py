@@ -46,9 +46,12 @@ def torchrun_cmd(config_file: str, *args: str, launcher: tuple = ("--standalone"
     return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "monai.bundle", "run", "--config_file", config_file, *args]
 
 
-def torchrun_bundle(bundle: Path, config_file: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    """The README's single-node command with 2 processes, run from ``bundle``'s folder."""
-    return subprocess.run(torchrun_cmd(config_file, *args), cwd=bundle, env=_env(), capture_output=True, text=True, timeout=timeout)
+def torchrun_bundle(bundle: Path, config_file: str, *args: str, timeout: float = 400, trusted: Path | None = None
+                    ) -> subprocess.CompletedProcess:
+    """The README's single-node command with 2 processes, run from ``bundle``'s folder (``trusted``: a folder
+    whose config overlays may hold code, ``$RETINA_TRUSTED_CONFIGS``, see custom/overlays.py)."""
+    env = {**_env(), **({"RETINA_TRUSTED_CONFIGS": str(trusted)} if trusted else {})}
+    return subprocess.run(torchrun_cmd(config_file, *args), cwd=bundle, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _files(folder: Path) -> list[str]:
@@ -140,7 +143,7 @@ def test_finetune_ddp_two_cpu_processes(tmp_path, pretrained):
         FINETUNE, _config_file(ORDER, tmp_path / "rank_overlay.json"),
         "--bundle_root", str(root), "--pretrained_path", str(pretrained),
         "--iterations", "20", "--val_interval", "10", "--log_every", "5",
-        "--tracking", "mlflow", "--tracking_uri", uri, "--experiment_name", "retina_finetune_ddp",
+        "--tracking", "mlflow", "--tracking_uri", uri, "--experiment_name", "retina_finetune_ddp", trusted=tmp_path,
     )
     seconds = time.time() - t0
     log = res.stdout + res.stderr
@@ -170,7 +173,7 @@ def test_finetune_ddp_two_cpu_processes(tmp_path, pretrained):
 
     # only rank 0 wrote: checkpoints, overlays and MLflow in rank 0's folders; rank 1's stay without files,
     # except the executed-config copy MONAI's --tracking patch exports on every process before DDP starts
-    assert _files(root / "models") == ["model.pt", "model_final.pt"]
+    assert _files(root / "models") == ["intensity.json", "model.pt", "model_final.pt"]  # rank 0's intensity record
     assert len(list((root / "eval" / "overlays").glob("epoch*.png"))) == 4  # 2 per validation, 2 validations
     assert _files(root / "models_rank1") == []
     assert all(f.startswith("config_") and f.endswith(".json") for f in _files(root / "eval_rank1"))

@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from custom.checkpoints import CheckpointError
 from custom.data import read_em, write_em
-from custom.transunet import transunet_from_preset
+from custom.transunet import decode_record, transunet_from_preset
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "retina_finetune"
@@ -183,6 +183,8 @@ def test_transfer_modes_and_frozen_parameters(tmp_path, transfer, freeze):
     p = _parser("train", "demo", bundle_root=str(root), transfer=transfer, freeze=freeze, device="$torch.device('cpu')")
     net = p.get_parsed_content("network")
     before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    # the weights' record (head kind, intensity) describes the pretraining network: it is not transferred
+    assert decode_record(before.pop("_extra_state"))["head"] == "segmentation"
     # what was transferred holds the checkpoint's values (position embeddings share the 64 px grid)
     for k, v in before.items():
         copied = transfer == "encoder" and not k.startswith(("decoder.", "head.")) or (

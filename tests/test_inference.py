@@ -13,6 +13,7 @@ from monai.bundle import ConfigWorkflow
 from monai.inferers import SlidingWindowInferer
 
 from custom.data import read_em, write_em
+from custom.errors import ConfigError, OutputError
 from custom.inference import InferenceError, SliceWiseInferer, list_inputs, output_path, plane_list
 from custom.transunet import transunet_from_preset
 
@@ -89,7 +90,17 @@ def test_output_path_keeps_format(tmp_path):
     assert output_path(str(folder), "/o") == "/o/slices_seg"
     write_em(folder / "0.png", np.zeros((4, 4), np.uint8))
     assert list_inputs(str(folder), slices_as_volume=True) == [str(folder)]
-    assert list_inputs(str(folder)) == [str(folder / "0.png")]
+    assert list_inputs(str(folder)) == [str(folder / "0.png")]  # one image is not a stack
+    write_em(folder / "1.png", np.zeros((4, 4), np.uint8))
+    assert list_inputs(str(folder)) == [str(folder)]  # "auto": numbered same-shaped 2D slices are one volume
+    assert list_inputs(str(folder), slices_as_volume=False) == [str(folder / "0.png"), str(folder / "1.png")]
+    with pytest.raises(ConfigError, match="slices_as_volume: expected True, False or 'auto', got 'false'"):
+        list_inputs(str(folder), slices_as_volume="false")
+    # the input's sub-folder below --input is kept
+    assert output_path("/in/a/b/v.tif", "/o", root="/in") == "/o/v_seg.tif"  # /in does not exist: no sub-folder
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    assert output_path(str(tmp_path / "in" / "a" / "v.tif"), "/o", root=str(tmp_path / "in")) == "/o/a/v_seg.tif"
+    assert output_path(str(tmp_path / "in" / "a" / "v.tif"), "/o", root=str(tmp_path / "in" / "a" / "v.tif")) == "/o/v_seg.tif"
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,6 +174,32 @@ def test_inference_png_folder_volume(tmp_path):
     probs = read_em(root / "out" / "slices_seg_prob.tif")
     assert probs.shape == vol.shape and probs.dtype == np.float32
     np.testing.assert_array_equal(labels, (probs > 0.5).astype(np.uint8))
+
+
+def _cause(exc: BaseException, cls: type) -> BaseException | None:
+    while exc is not None and not isinstance(exc, cls):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def test_inference_refuses_existing_outputs_unless_overwrite(tmp_path):
+    """A second run into the same output folder is refused before any volume (the first run's labels stay);
+    ``overwrite=True`` replaces them."""
+    root = _bundle_root(tmp_path)
+    src = tmp_path / "v.tif"
+    write_em(src, _volume((2, 32, 32)))
+    run_inference(root, src, save_probabilities=True)
+    out = root / "out"
+    first = {p: (out / p).read_bytes() for p in ("v_seg.tif", "v_seg_prob.tif")}
+    (out / "v_seg.tif").write_bytes(b"edited by hand")
+    with pytest.raises(Exception) as excinfo:
+        run_inference(root, src, save_probabilities=True)
+    err = _cause(excinfo.value, OutputError)
+    assert err is not None and str(err).startswith(f"{out / 'v_seg.tif'}: output already exists (and 1 more"), excinfo.value
+    assert (out / "v_seg.tif").read_bytes() == b"edited by hand"
+    assert (out / "v_seg_prob.tif").read_bytes() == first["v_seg_prob.tif"]
+    run_inference(root, src, save_probabilities=True, overwrite=True)
+    assert (out / "v_seg.tif").read_bytes() == first["v_seg.tif"]
 
 
 def test_inference_multiclass_argmax(tmp_path):

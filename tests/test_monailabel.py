@@ -19,6 +19,10 @@ What is the test's own, and why:
   (``preprocessing``/``inferer``/``postprocessing`` of ``inference.json`` run here), which catches
   any axis or orientation mix-up (an all-foreground label would not).
 - two training requests: the second must train again, not resume the finished first one.
+- :func:`test_monailabel_trains_the_bundle_alone`: ``retina_finetune`` served alone, as a model-zoo
+  user has it (no ``../retina_pretrain``): training continues from the bundle's ``models/model.pt``
+  (one log line says so) instead of failing for want of the pretraining checkpoint; without any
+  weights to start from, the training task ends ``ERROR`` and the server log holds the one-line reason.
 - the server lists ``retina_pretrain`` first, then ``retina_finetune``: MONAI Label imports
   ``custom`` once, from the first bundle that needs it, and keeps it for all bundles (it unloads
   only a module named ``scripts``); its training subprocess builds the app again, so the same
@@ -167,8 +171,8 @@ def _calibrate_and_predict(bundle: Path, weights: dict, image: Path) -> tuple[di
     return weights, np.asarray(label)[0]
 
 
-def _build_app(tmp: Path, env: dict) -> tuple[Path, Path]:
-    """``<tmp>/apps/monaibundle`` with both bundles in ``model/``, and ``<tmp>/studies``; returns (app, studies)."""
+def _build_app(tmp: Path, env: dict, bundles: tuple = ("retina_finetune", "retina_pretrain")) -> tuple[Path, Path]:
+    """``<tmp>/apps/monaibundle`` with ``bundles`` in ``model/``, and ``<tmp>/studies``; returns (app, studies)."""
     r = subprocess.run(["monailabel", "apps", "--download", "--name", "monaibundle", "--output", str(tmp / "apps")],
                        cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -188,9 +192,12 @@ def _build_app(tmp: Path, env: dict) -> tuple[Path, Path]:
     seg = transunet_from_preset("tiny", img_size=64).state_dict()
     rec = transunet_from_preset("tiny", img_size=64, head="reconstruction").state_dict()
     for name, weights in (("retina_finetune", seg), ("retina_pretrain", rec)):
+        if name not in bundles:
+            continue
         torch.save(weights, tmp / f"{name}.pt")
         r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_bundle.py"), name, "--out", str(tmp / "dist"),
-                            "--weights", str(tmp / f"{name}.pt")], cwd=tmp, capture_output=True, text=True, timeout=600)
+                            "--weights", str(tmp / f"{name}.pt"), "--overlay", "configs/demo.json"],  # tiny demo weights
+                           cwd=tmp, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         (zpath,) = (tmp / "dist").glob(f"{name}_v*.zip")
         with zipfile.ZipFile(zpath) as z:
@@ -201,8 +208,8 @@ def _build_app(tmp: Path, env: dict) -> tuple[Path, Path]:
     return app, studies
 
 
-def _start_server(app: Path, studies: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
-    cmd = ["monailabel", "start_server", "--app", str(app), "--studies", str(studies), "--conf", "models", MODELS,
+def _start_server(app: Path, studies: Path, port: int, env: dict, log: Path, models: str = MODELS) -> subprocess.Popen:
+    cmd = ["monailabel", "start_server", "--app", str(app), "--studies", str(studies), "--conf", "models", models,
            "--conf", "zoo_source", "github", "--conf", "sam2", "false", "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -237,9 +244,10 @@ def _wait_for_info(base: str, proc: subprocess.Popen, log: Path, timeout: float 
     pytest.fail(f"GET /info/ did not answer within {timeout:.0f} s:\n{_log_tail(log)}")
 
 
-def _train(base: str, log: Path, timeout: float = 1200) -> str:
-    """POST /train/retina_finetune, poll GET /train/ until that task has ended; returns the server
-    log's lines from the training (GET /train/ keeps only the last 20 lines of the task's output)."""
+def _train(base: str, log: Path, timeout: float = 1200, expect: str = "DONE") -> str:
+    """POST /train/retina_finetune, poll GET /train/ until that task has ended (with status ``expect``);
+    returns the server log's lines from the training (GET /train/ keeps only the last 20 lines of the
+    task's output)."""
     offset = log.stat().st_size
     status, body = _http("POST", f"{base}/train/retina_finetune", body=TRAIN_REQUEST, timeout=120)
     assert status == 200, body[:2000]
@@ -254,8 +262,9 @@ def _train(base: str, log: Path, timeout: float = 1200) -> str:
                 with open(log, "rb") as f:
                     f.seek(offset)
                     output = f.read().decode(errors="replace")
-                assert task["status"] == "DONE", f"training ended {task['status']}:\n{output[-6000:]}"
-                assert "Training Finished" in output and "[retina] best validation mean IoU" in output, output[-6000:]
+                assert task["status"] == expect, f"training ended {task['status']}:\n{output[-6000:]}"
+                if expect == "DONE":
+                    assert "Training Finished" in output and "[retina] best validation mean IoU" in output, output[-6000:]
                 return output
         time.sleep(5)
     _http("DELETE", f"{base}/train/", timeout=60)
@@ -330,3 +339,35 @@ def test_monailabel_infer_and_train(monailabel_venv, tmp_path):
     print(f"MONAI Label: inference {infer_s:.0f} s, training ({TRAIN_REQUEST['max_epochs']} epochs of "
           f"{TRAIN_OVERRIDES['val_interval']} iterations) {train_s:.0f} s and again {train2_s:.0f} s, "
           f"whole test {time.monotonic() - start:.0f} s")
+
+
+def test_monailabel_trains_the_bundle_alone(monailabel_venv, tmp_path):
+    env = _server_env(tmp_path)
+    app, studies = _build_app(tmp_path, env, bundles=("retina_finetune",))
+    finetune = app / "model" / "retina_finetune"
+    assert not (app / "model" / "retina_pretrain").exists()
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    proc = _start_server(app, studies, port, env, log, models="retina_finetune")
+    try:
+        info = _wait_for_info(base, proc, log)
+        assert "retina_finetune" in info["trainers"], info["trainers"]
+        before = _md5(finetune / "models" / "model.pt")
+        output = _train(base, log)
+        lines = [line for line in output.splitlines() if "continuing from the bundle's own weights" in line]
+        assert len(lines) == 1 and "pretrained checkpoint not found" in lines[0], output[-6000:]
+        assert _md5(finetune / "models" / "model.pt") != before
+        load_weights(transunet_from_preset("tiny", img_size=64), finetune / "models" / "model.pt")
+
+        # nothing to continue from: the task ends ERROR, and the server log says why in one line
+        for name in ("model.pt", "model_final.pt"):
+            (finetune / "models" / name).unlink(missing_ok=True)
+        output = _train(base, log, expect="ERROR")
+        errors = [line for line in output.splitlines() if "retina_finetune: checkpoint error: " in line]
+        assert len(errors) == 1 and "pretrained checkpoint not found" in errors[0], output[-6000:]
+        assert "Traceback" not in output, output[-6000:]
+    finally:
+        _stop_server(proc)
+    print(lines[0].split(" - ")[-1])
+    print(errors[0].split(" - ")[-1][:300])

@@ -50,10 +50,11 @@ def test_package_download_and_run_inference(tmp_path, http_dir):
     torch.save(transunet_from_preset("tiny", img_size=64).state_dict(), weights)
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "retina_finetune", "--out", str(www),
-         "--weights", str(weights), "--url_base", url],
+         "--weights", str(weights), "--url_base", url, "--overlay", "configs/demo.json"],  # tiny demo weights
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr
+    assert "loads strictly into the network of inference.json, train.json" in r.stdout, r.stdout
     zips = list(www.glob("retina_finetune_v*.zip"))
     assert len(zips) == 1
     names = zipfile.ZipFile(zips[0]).namelist()
@@ -105,3 +106,27 @@ def test_package_refuses_unknown_bundle(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "nope", "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not a bundle" in r.stderr
+
+
+@pytest.mark.parametrize("bundle,head,out_channels,overlay,fragment", [
+    # the tiny demo weights with the bundle's own (retina-preset) configs: what the downloaded bundle would fail on
+    ("retina_finetune", "segmentation", 1, None, "cnn.root.conv.weight (32, 3, 7, 7) vs (64, 3, 7, 7)"),
+    # demo weights of another class count, even with the demo overlay
+    ("retina_finetune", "segmentation", 3, "configs/demo.json", "head.weight (3, 8, 3, 3) vs (1, 8, 3, 3)"),
+    # segmentation weights packed as the pretraining bundle's
+    ("retina_pretrain", "segmentation", 1, "configs/demo.json", "reconstruction"),
+])
+def test_package_refuses_weights_that_do_not_fit_the_bundles_configs(tmp_path, bundle, head, out_channels, overlay, fragment):
+    """One line, exit status 1, no zip: the weights must load strictly into the network the bundle's own
+    configs build (inference.json and train.json, with ``--overlay`` merged on top)."""
+    weights = tmp_path / "model.pt"
+    torch.manual_seed(0)
+    torch.save(transunet_from_preset("tiny", img_size=64, head=head, out_channels=out_channels).state_dict(), weights)
+    cmd = [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), bundle, "--out", str(tmp_path / "dist"),
+           "--weights", str(weights)] + (["--overlay", overlay] if overlay else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stdout + r.stderr
+    assert lines[0].startswith(f"package_bundle: error: {weights}: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in r.stderr and not list((tmp_path / "dist").glob("*.zip"))
+    print(lines[0][:300])

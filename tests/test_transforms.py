@@ -242,7 +242,10 @@ def test_target_and_input_share_the_geometric_transform():
 
 
 def test_normalisation_uses_cem500k_statistics():
-    norm = Compose(_parser().get_parsed_content("train#final_transforms"))
+    # the paper's CEM500K statistics as the intensity record (by default measured on the training
+    # images: tests/test_intensity.py)
+    record = {"mapping": "fixed", "low": 0.0, "high": 255.0, "mean": MEAN, "std": STD}
+    norm = Compose(_parser(intensity=record).get_parsed_content("train#final_transforms"))
     x = torch.rand(1, 8, 8)
     out = norm({"image": x.clone(), "label": x.clone()})
     torch.testing.assert_close(out["image"], (x - MEAN) / STD)
