@@ -16,7 +16,9 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .transunet import decode_record, encode_record, head_mismatch, resample_position_embeddings
+from .errors import CheckpointError
+from .networks import decode_record, encode_record, head_mismatch, resample_position_embeddings
+from .utils import atomic_path
 
 __all__ = [
     "CheckpointError",
@@ -59,10 +61,6 @@ _REFERENCE_RULES = [
     (r"^decoder\.", "decoder."),
 ]
 _WRAPPER_KEYS = ("state_dict", "model", "network", "model_state_dict", "net")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the network (one-line message)."""
 
 
 def is_reference_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -283,7 +281,7 @@ def transfer_pretrained(
     """Copy pretrained encoder weights into a segmentation model and freeze part of it.
 
     Args:
-        model: a :class:`~custom.transunet.TransUNet`.
+        model: a :class:`~custom.networks.TransUNet`.
         path: our checkpoint or an authors' one (pretraining or fine-tuning).
         transfer: ``"encoder"`` (everything but decoder and head, as the authors' code),
             ``"transformer"`` (ViT blocks and final norm, as the paper's text) or ``"none"``.
@@ -329,13 +327,8 @@ def transfer_pretrained(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(
-        "weight transfer %r from %s: %d tensors transferred; freeze %r: %d of %d parameters trainable",
-        transfer, path if transfer != "none" else "-", n_tensors, freeze, trainable, total,
-    )
-    print(
-        f"[retina] transfer={transfer} ({n_tensors} tensors) freeze={freeze}: "
-        f"{trainable:,} of {total:,} parameters trainable",
-        flush=True,
+        "[retina] transfer=%s (%d tensors from %s) freeze=%s: %s of %s parameters trainable",
+        transfer, n_tensors, path if transfer != "none" else "-", freeze, f"{trainable:,}", f"{total:,}",
     )
     return model
 
@@ -343,8 +336,6 @@ def transfer_pretrained(
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: Union[str, os.PathLike]) -> str:
     """Write a state dict atomically (temporary file in the same folder, then rename)."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
     return path

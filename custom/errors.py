@@ -1,4 +1,4 @@
-"""One-line error reports for the bundles' command line, and the checks a run makes before training.
+"""The errors a user can cause, and their one-line reports on the bundles' command line.
 
 A user who feeds a bundle a bad file or a bad setting gets one line on stderr and a non-zero exit
 status, never a traceback through MONAI's config machinery::
@@ -6,28 +6,30 @@ status, never a traceback through MONAI's config machinery::
     retina_finetune: dataset error: /data/labels/vol3.tif: label values up to 7 but num_classes is 3 (expected 0..2)
     retina_finetune: config error: num_classes: expected an integer >= 1, got 'abc' (str)
 
-The bundles' ``initialize`` lists call, first, :func:`report_errors` (installs the reporter), then
-the cheap checks: :func:`check_config` (types and ranges of the settings),
-:func:`check_output_dirs` (output folders writable, some free space) and
-:func:`check_tracking_uri` (an MLflow server answers), then the dataset validation of
-``custom.data.validate_items``. So every problem a user can cause is found in seconds, before
-the first training iteration.
+Every such error is a :class:`RetinaError` (a ``ValueError``) whose class names its ``kind``; the
+modules that raise them import them from here (``custom.checkpoints.CheckpointError`` is this
+module's :class:`CheckpointError`, and so on):
 
-Reported as one line ``<bundle>: <kind> error: <path or setting>: <problem>``, wherever in the
-exception chain they are (MONAI wraps them in ``RuntimeError("Failed to evaluate ...")``):
+=========================  ==============  ====================================================
+class                      ``kind``        raised for
+=========================  ==============  ====================================================
+:class:`DatasetError`      ``dataset``     a data file or folder (``custom.data``, ``custom.io``)
+:class:`CheckpointError`   ``checkpoint``  weights that cannot be read or do not fit
+:class:`HeadMismatchError` ``checkpoint``  weights trained for the other head (``custom.networks``)
+:class:`ConfigError`       ``config``      a setting that cannot work
+:class:`OverlayError`      ``config``      a config overlay from outside ``configs/`` holding code
+:class:`OutputError`       ``output``      an output folder or file that cannot be written
+:class:`TrackingError`     ``tracking``    an MLflow server that does not answer
+:class:`InferenceError`    ``inference``   inputs that could not be processed
+``OSError`` naming a file  ``file``        disk full, read-only file system, ...
+=========================  ==============  ====================================================
 
-====================================================  ============
-``custom.data.DatasetError``                          ``dataset``
-``custom.checkpoints.CheckpointError``                ``checkpoint``
-:class:`ConfigError`                                  ``config``
-:class:`OutputError`                                  ``output``
-:class:`TrackingError`                                ``tracking``
-``custom.inference.InferenceError``                   ``inference``
-``OSError`` naming a file (disk full, read-only...)   ``file``
-====================================================  ============
-
-Anything else is a bug, not a user error: its traceback is printed as usual. Set the environment
-variable ``RETINA_TRACEBACK=1`` to get the full traceback of the reported errors too.
+:func:`report_errors`, the first entry of each config's ``initialize``, reports them as one line
+``<bundle>: <kind> error: <path or setting>: <problem>``, wherever in the exception chain they are
+(MONAI wraps them in ``RuntimeError("Failed to evaluate ...")``). The checks a run makes before
+training are in ``custom.preflight``. Anything else is a bug, not a user error: its traceback is
+printed as usual. Set the environment variable ``RETINA_TRACEBACK=1`` to get the full traceback of
+the reported errors too.
 """
 
 from __future__ import annotations
@@ -35,21 +37,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 __all__ = [
+    "RetinaError",
     "ConfigError",
+    "OverlayError",
     "OutputError",
     "TrackingError",
+    "DatasetError",
+    "CheckpointError",
+    "HeadMismatchError",
+    "InferenceError",
+    "kind_of",
     "report_errors",
     "one_line_error",
     "describe",
     "check_config",
-    "check_output_dirs",
-    "check_tracking_uri",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,40 +63,67 @@ logger = logging.getLogger(__name__)
 TRACEBACK_ENV = "RETINA_TRACEBACK"
 
 
-class ConfigError(ValueError):
+class RetinaError(ValueError):
+    """A problem the user can fix; the message is one line, ``"<path or setting>: <problem>"``.
+
+    ``kind`` (a class attribute) names it in the one-line report: ``<bundle>: <kind> error: ...``.
+    """
+
+    kind = "retina"
+
+
+class ConfigError(RetinaError):
     """A setting that cannot work; the message is ``"<config id>: <problem>"``, one line."""
+
+    kind = "config"
+
+
+class OverlayError(ConfigError):
+    """A config file from outside the bundle's ``configs/`` folder that holds code (``custom.overlays``)."""
 
 
 class OutputError(ConfigError):
-    """An output folder that cannot be written (read-only, not a folder, disk full)."""
+    """An output folder that cannot be written (read-only, not a folder, disk full), or an output
+    that would replace an input or an existing file."""
+
+    kind = "output"
 
 
 class TrackingError(ConfigError):
     """An experiment-tracking service that does not answer."""
 
+    kind = "tracking"
+
+
+class DatasetError(RetinaError):
+    """A data file or folder that cannot be used; the message is ``"<path>: <problem>"``, one line."""
+
+    kind = "dataset"
+
+
+class CheckpointError(RetinaError):
+    """A checkpoint that cannot be read or does not fit the network (one-line message)."""
+
+    kind = "checkpoint"
+
+
+class HeadMismatchError(CheckpointError):
+    """Weights trained for another head (reconstruction vs segmentation)."""
+
+
+class InferenceError(RetinaError, RuntimeError):
+    """Some inputs could not be processed (the message lists them, one per line)."""
+
+    kind = "inference"
+
 
 # --------------------------------------------------------------------------------------
 # the reporter
 # --------------------------------------------------------------------------------------
-def _kind(exc: BaseException) -> Optional[str]:
-    """Kind name of a user-fixable error, or None."""
-    from custom.checkpoints import CheckpointError
-    from custom.data import DatasetError
-    from custom.transunet import HeadMismatchError
-
-    if isinstance(exc, TrackingError):
-        return "tracking"
-    if isinstance(exc, OutputError):
-        return "output"
-    if isinstance(exc, ConfigError):
-        return "config"
-    if isinstance(exc, DatasetError):
-        return "dataset"
-    if isinstance(exc, (CheckpointError, HeadMismatchError)):
-        return "checkpoint"
-    inference = sys.modules.get("custom.inference")
-    if inference is not None and isinstance(exc, getattr(inference, "InferenceError", ())):
-        return "inference"
+def kind_of(exc: BaseException) -> Optional[str]:
+    """The ``kind`` of a user-fixable error (a :class:`RetinaError`, or an ``OSError`` naming a file), else None."""
+    if isinstance(exc, RetinaError):
+        return exc.kind
     if isinstance(exc, OSError) and getattr(exc, "filename", None):
         return "file"
     return None
@@ -128,7 +161,7 @@ def describe(exc: BaseException) -> str:
     """One line for a failure: the message of the first user-fixable error in ``exc``'s chain (MONAI's
     ``RuntimeError("applying transform ...")`` wrappers hide it), else ``exc``'s own message."""
     for e in _chain(exc):
-        if _kind(e) is not None:
+        if kind_of(e) is not None:
             return _message(e)
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -137,7 +170,7 @@ def describe(exc: BaseException) -> str:
 def one_line_error(exc: BaseException, bundle: str = "retina") -> Optional[str]:
     """``"<bundle>: <kind> error: <message>"`` for the first user-fixable error in ``exc``'s chain, else None."""
     for e in _chain(exc):
-        kind = _kind(e)
+        kind = kind_of(e)
         if kind is not None:
             return f"{bundle}: {kind} error: {_message(e)}"
     return None
@@ -148,7 +181,7 @@ def _install_record_factory() -> None:
     training, through a logger and handler of its own) keep their message but lose their traceback:
     the reporter prints the one line. A record factory sees every record of every logger."""
     previous = logging.getLogRecordFactory()
-    if getattr(previous, "_retina", False):
+    if getattr(previous, "retina_reporter", False):
         return
 
     def factory(*args, **kwargs):
@@ -158,7 +191,7 @@ def _install_record_factory() -> None:
             record.exc_info, record.exc_text = None, None
         return record
 
-    factory._retina = True  # type: ignore[attr-defined]
+    factory.retina_reporter = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
 
 
@@ -172,7 +205,7 @@ def report_errors(bundle: str) -> bool:
     Args:
         bundle: name printed at the start of the line, e.g. ``"retina_finetune"``.
     """
-    previous = getattr(sys.excepthook, "_retina_previous", sys.excepthook)
+    previous = getattr(sys.excepthook, "retina_previous", sys.excepthook)
 
     def hook(etype, value, tb):
         line = one_line_error(value, bundle) if value is not None else None
@@ -183,7 +216,7 @@ def report_errors(bundle: str) -> bool:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
 
-    hook._retina_previous = previous  # type: ignore[attr-defined]
+    hook.retina_previous = previous  # type: ignore[attr-defined]
     sys.excepthook = hook
     _install_record_factory()
     return True
@@ -264,98 +297,4 @@ def check_config(checks: Mapping[str, Sequence]) -> bool:
             else:
                 fix = f"fix it in the config or on the command line (--{name} ...)"
             raise ConfigError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__}); {fix}")
-    return True
-
-
-# --------------------------------------------------------------------------------------
-# output folders
-# --------------------------------------------------------------------------------------
-def check_output_dirs(paths: Sequence[Any] | str | os.PathLike, min_free_mb: float = 0) -> bool:
-    """Create each output folder and write (then remove) a small probe file in it.
-
-    Raises :class:`OutputError` (``"<folder>: <problem>"``) when a folder cannot be created or
-    written (read-only file system, no permission, a file in the way) or when its disk has less
-    than ``min_free_mb`` MiB free. Returns True.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    for p in paths:
-        if p is None or p == "":
-            continue
-        folder = os.path.abspath(os.fspath(p))
-        probe = os.path.join(folder, f".retina-write-test-{os.getpid()}")
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with open(probe, "wb") as f:
-                f.write(b"\0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            reason = e.strerror or type(e).__name__
-            if e.filename and os.path.abspath(os.fspath(e.filename)) not in (folder, probe):
-                reason += f" ({e.filename})"
-            raise OutputError(
-                f"{folder}: output folder cannot be written: {reason}; choose another folder "
-                "(--bundle_root, --output_dir) or fix its permissions"
-            ) from None
-        finally:
-            if os.path.exists(probe):
-                try:
-                    os.remove(probe)
-                except OSError:
-                    pass
-        if min_free_mb and min_free_mb > 0:
-            free = shutil.disk_usage(folder).free / 2**20
-            if free < float(min_free_mb):
-                raise OutputError(
-                    f"{folder}: only {free:.0f} MiB free on its disk, {float(min_free_mb):g} MiB needed "
-                    "(min_free_mb); free some space or choose another folder"
-                )
-    return True
-
-
-# --------------------------------------------------------------------------------------
-# experiment tracking
-# --------------------------------------------------------------------------------------
-def check_tracking_uri(uri: Optional[str], timeout: float = 5.0) -> bool:
-    """Fail fast when an MLflow tracking server does not answer.
-
-    ``http(s)://`` URIs get one request to the server's ``/health`` with a ``timeout``-second
-    limit (any HTTP answer counts as reachable; proxies are honoured as MLflow honours them).
-    Without this check MLflow retries for minutes when training starts, then fails. The folder of
-    a local ``sqlite:///`` store is created and checked for writing; other schemes are left to MLflow.
-
-    Raises:
-        TrackingError: ``"<uri>: MLflow tracking server unreachable (<reason>); ..."``.
-        OutputError: the folder of a local store cannot be written.
-    """
-    if not uri:
-        return True
-    uri = str(uri)
-    low = uri.lower()
-    if low.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-        except requests.RequestException as e:
-            reason = type(e).__name__
-            root = e.__context__ or (e.args[0] if e.args else None)
-            for part in (root, e):
-                text = str(getattr(part, "reason", part) or "")
-                if "refused" in text.lower():
-                    reason = "connection refused"
-                    break
-                if "timed out" in text.lower() or isinstance(e, requests.Timeout):
-                    reason = f"no answer within {timeout:g} s"
-                    break
-            raise TrackingError(
-                f"{uri}: MLflow tracking server unreachable ({reason}); start it, pass another --tracking_uri, "
-                "or leave --tracking_uri out to track into the bundle's local store (mlruns/mlflow.db)"
-            ) from None
-        return True
-    if low.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        check_output_dirs([os.path.dirname(os.path.abspath(path)) or "."])
-        return True
     return True

@@ -9,7 +9,7 @@
   at 0.5 or takes the argmax (``AsDiscreted`` in the bundle configs).
 - :class:`VolumePredictor`: the inference "engine" of ``inference.json``: plans every output
   first (:func:`plan_outputs`), then runs a dataset of volumes through pre-processing, the
-  inferer and post-processing and writes each label volume with :func:`custom.data.write_em` in
+  inferer and post-processing and writes each label volume with :func:`custom.io.write_em` in
   the input's geometry and, by default, its format. A failing volume is reported and skipped;
   the others are still written; at the end a :class:`InferenceError` names the failures (so
   ``monai.bundle run`` exits non-zero). It runs as an Ignite engine, so MONAI's handlers (the
@@ -35,8 +35,10 @@ import torch
 from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 from monai.utils import ensure_tuple_rep
 
-from .data import PLANES, DatasetError, em_format, em_shape, find_em_files, slice_folder_problem, write_em
-from .errors import ConfigError, OutputError, describe
+from .errors import ConfigError, InferenceError, OutputError, describe
+from .handlers.tracking import MLflowRun, connect_tracking
+from .io import FORMATS, DatasetError, em_format, em_shape, find_em_files, slice_folder_problem, write_em
+from .utils import PLANE_AXIS, file_stem, plane_list, progress
 
 __all__ = [
     "SliceWiseInferer",
@@ -48,29 +50,9 @@ __all__ = [
     "input_subfolder",
     "plan_outputs",
     "check_outputs",
-    "plane_list",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: plane -> spatial axis of a (Z, Y, X) volume that the slices are taken along
-PLANE_AXIS = {"xy": 0, "xz": 1, "yz": 2}
-
-
-class InferenceError(RuntimeError):
-    """Some inputs could not be processed (the message lists them, one per line)."""
-
-
-def plane_list(planes: Union[str, Sequence[str]]) -> List[str]:
-    """``"xy"`` -> ``["xy"]``; ``"orthoplane"`` -> ``["xy", "xz", "yz"]``; a list of plane names as is."""
-    if isinstance(planes, str):
-        planes = list(PLANES) if planes in ("orthoplane", "all") else [planes]
-    out = list(planes)
-    bad = [p for p in out if p not in PLANE_AXIS]
-    if bad or not out:
-        raise ValueError(f"planes must be 'xy', 'xz', 'yz', 'orthoplane' or a list of those, got {planes!r}")
-    return out
-
 
 class SliceWiseInferer(Inferer):
     """Probabilities of a 2D segmentation network over a 2D image or, slice by slice, a 3D volume.
@@ -157,7 +139,6 @@ class SliceWiseInferer(Inferer):
 # --------------------------------------------------------------------------------------
 #: a slice file name: anything, a number, no digit after it (``s12.png``, ``slice_0001_em.tif``)
 _NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")
-_SLICE_FORMATS = ("pil", "tiff")
 
 
 def _short(names: Sequence[str], limit: int = 3) -> str:
@@ -188,7 +169,7 @@ def slice_stack(folder: Union[str, os.PathLike]) -> Tuple[bool, str]:
     files = [n for n in names if em_format(os.path.join(folder, n)) is not None]
     if len(files) < 2:
         return False, f"it holds {len(files)} image file(s)"
-    other = [n for n in files if em_format(os.path.join(folder, n)) not in _SLICE_FORMATS]
+    other = [n for n in files if not FORMATS[em_format(os.path.join(folder, n))].slice_file]
     if other:
         return False, f"it holds 3D formats ({_short(other)})"
     patterns: Dict[tuple, List[str]] = {}
@@ -207,7 +188,7 @@ def slice_stack(folder: Union[str, os.PathLike]) -> Tuple[bool, str]:
         a, b = (v[0] for v in list(patterns.values())[:2])
         return False, f"the names follow {len(patterns)} patterns (e.g. {a}, {b})"
     first_shape = None
-    for n in files:
+    for n in progress(files, f"reading the headers in {folder}"):
         try:
             shape = tuple(em_shape(os.path.join(folder, n)))
         except DatasetError as exc:
@@ -224,7 +205,7 @@ def slice_stack(folder: Union[str, os.PathLike]) -> Tuple[bool, str]:
 
 def list_inputs(path: Union[str, os.PathLike], slices_as_volume: Union[bool, str] = "auto") -> List[str]:
     """The inputs that ``path`` names: a file -> itself; a folder -> every EM file below it
-    (:func:`custom.data.find_em_files`), or the folder itself as one volume of per-slice images.
+    (:func:`custom.io.find_em_files`), or the folder itself as one volume of per-slice images.
 
     Args:
         path: a file or a folder.
@@ -234,7 +215,7 @@ def list_inputs(path: Union[str, os.PathLike], slices_as_volume: Union[bool, str
 
     Raises:
         custom.errors.ConfigError: ``slices_as_volume`` is none of True, False, "auto".
-        custom.data.DatasetError: ``path`` is missing or holds no EM file.
+        custom.io.DatasetError: ``path`` is missing or holds no EM file.
     """
     if slices_as_volume not in (True, False, "auto") or isinstance(slices_as_volume, (int, float)) and not isinstance(
         slices_as_volume, bool
@@ -264,15 +245,14 @@ def list_inputs(path: Union[str, os.PathLike], slices_as_volume: Union[bool, str
 
 
 def _say(line: str) -> None:
-    print(f"[retina] {line}", flush=True)  # like the per-volume progress lines
+    logger.info("[retina] %s", line)  # like the per-volume progress lines
 
 
 # --------------------------------------------------------------------------------------
 # where results go, and the checks that no user file is lost
 # --------------------------------------------------------------------------------------
-_SAME_EXT = {"tiff": ".tif", "pil": ".png", "hdf5": ".h5", "nifti": ".nii.gz", "nrrd": ".nrrd", "mrc": ".mrc", "dir": ""}
 #: what ``output_ext`` may be (with or without the dot); "" is the input's format
-OUTPUT_EXTS = ("", ".tif", ".tiff", ".png", ".h5", ".hdf5", ".nii", ".nii.gz", ".nrrd", ".mrc")
+OUTPUT_EXTS = ("", ".tif", ".tiff", ".png", ".h5", ".hdf5", ".nii", ".nii.gz", ".nrrd", ".mrc", ".mha")
 
 
 def input_subfolder(input_path: str, root: Optional[str]) -> str:
@@ -295,17 +275,12 @@ def output_path(
     ``<sub-folder>``: the input's folder relative to ``root`` (the ``--input`` folder), so that
     ``in/a/vol.tif`` and ``in/b/vol.tif`` go to ``out/a/vol_seg.tif`` and ``out/b/vol_seg.tif``;
     empty without ``root``. ``ext`` from ``output_ext`` or, when empty, the input's format (TIFF ->
-    .tif, PNG/JPEG -> .png, HDF5 -> .h5, NIfTI -> .nii.gz, NRRD, MRC; a folder of slices -> a folder
-    of PNG slices)."""
-    name = os.path.basename(os.fspath(input_path).rstrip("/\\"))
+    .tif, PNG/JPEG -> .png, HDF5 -> .h5, NIfTI -> .nii.gz, NRRD, MRC, MetaImage/GIPL -> .mha: the
+    format's ``out_ext``; a folder of slices -> a folder of PNG slices)."""
     fmt = em_format(input_path)
-    if name.lower().endswith(".nii.gz"):
-        stem = name[:-7]
-    elif fmt not in (None, "dir"):
-        stem = os.path.splitext(name)[0]
-    else:
-        stem = name
-    ext = output_ext if output_ext else _SAME_EXT.get(fmt or "", ".tif")
+    name = os.path.basename(os.fspath(input_path).rstrip("/\\"))
+    stem = file_stem(name) if fmt not in (None, "dir") else name
+    ext = output_ext if output_ext else (FORMATS[fmt].out_ext if fmt else ".tif")
     if ext and not ext.startswith("."):
         ext = "." + ext
     folder = os.path.join(output_dir, input_subfolder(os.fspath(input_path), root))
@@ -314,7 +289,7 @@ def output_path(
 
 def _probability_path(label_path: str, k: Optional[int]) -> str:
     base = label_path
-    for ext in (".nii.gz", ".tiff", ".tif", ".png", ".hdf5", ".h5", ".nii", ".nrrd", ".mrc"):
+    for ext in (".nii.gz", ".tiff", ".tif", ".png", ".hdf5", ".h5", ".nii", ".nrrd", ".mrc", ".mha"):
         if base.lower().endswith(ext):
             base, keep = base[: -len(ext)], ext
             break
@@ -359,7 +334,7 @@ def check_outputs(
         inputs: every input file or folder (also those that will not be processed): none may be
             written over, written into (a folder volume), or be inside a folder output.
         overwrite: existing outputs may be replaced (never an input; a folder output only when it
-            holds nothing but image slices, see :func:`custom.data.slice_folder_problem`).
+            holds nothing but image slices, see :func:`custom.io.slice_folder_problem`).
         hint: how to choose other names, e.g. ``" or a non-empty --output_postfix"`` (appended to
             "choose another --output_dir").
 
@@ -484,13 +459,14 @@ class VolumePredictor:
     computed and checked (:func:`plan_outputs`): a refusal is one ``OutputError`` line and nothing
     is processed. Then per item: ``dataset[i]`` (loading + pre-processing), ``inferer(image[None],
     network)`` (probabilities), ``postprocessing({"image", "pred"})`` (label map ``(1, ...)``),
-    then :func:`custom.data.write_em` to the planned path with the input as reference (NIfTI
+    then :func:`custom.io.write_em` to the planned path with the input as reference (NIfTI
     affine / NRRD space copied), never over an existing file unless ``overwrite``. Progress goes
-    to the log and stdout.
+    to the log (one line per input).
 
     The items run as one epoch of an Ignite ``Engine`` to which ``handlers`` are attached (MONAI's
     ``MLFlowHandler`` with ``--tracking mlflow``, ``custom.handlers.MLflowExtras`` for the run's
-    parameters). When an ``MLFlowHandler`` is among them, its run also gets the metrics
+    parameters, connected to it by ``custom.handlers.connect_tracking``). When an ``MLFlowHandler``
+    is among them, its run also gets the metrics
     ``volumes_written`` / ``volumes_failed`` and the artifact ``outputs.tsv`` (input, output, error).
 
     Args:
@@ -551,6 +527,7 @@ class VolumePredictor:
         self.overwrite = overwrite
         self.num_classes = int(num_classes) if num_classes is not None else None
         self.handlers = [h for h in list(handlers or []) + list(val_handlers or []) if h is not None]
+        self.mlflow = MLflowRun()
         self.outputs: Optional[Dict[str, List[str]]] = None
         self.written: List[str] = []
         self.failed: List[tuple] = []
@@ -559,12 +536,9 @@ class VolumePredictor:
     @property
     def tracking(self) -> bool:
         """True when an ``MLFlowHandler`` is among the handlers (``--tracking mlflow``)."""
-        return bool(self._mlflow_handlers())
-
-    def _mlflow_handlers(self) -> list:
         from monai.handlers import MLFlowHandler
 
-        return [h for h in self.handlers if isinstance(h, MLFlowHandler)]
+        return any(isinstance(h, MLFlowHandler) for h in self.handlers)
 
     def _source(self, i: int) -> str:
         item = self.dataset.data[i]
@@ -620,12 +594,11 @@ class VolumePredictor:
             msg = msg[len(src) + 2:] if msg.startswith(f"{src}: ") else msg  # the path is printed once
             self.failed.append((src, msg))
             self._rows.append((src, "", msg))
-            logger.error("[%d/%d] %s: FAILED: %s", i + 1, n, src, msg)
-            print(f"[retina] [{i + 1}/{n}] {src}: FAILED: {msg}", flush=True)
+            logger.error("[retina] [%d/%d] %s: FAILED: %s", i + 1, n, src, msg)
             return {"source": src, "written": [], "error": msg}
         self.written += paths
         self._rows += [(src, p, "") for p in paths]
-        print(f"[retina] [{i + 1}/{n}] {src} -> {paths[0]} ({time.time() - start:.1f} s)", flush=True)
+        logger.info("[retina] [%d/%d] %s -> %s (%.1f s)", i + 1, n, src, paths[0], time.time() - start)
         return {"source": src, "written": paths, "error": ""}
 
     def _metrics(self, engine: Any) -> None:
@@ -633,10 +606,8 @@ class VolumePredictor:
         engine.state.metrics.update({"volumes_written": n - failed, "volumes_failed": failed})
 
     def _log_outputs(self, engine: Any) -> None:
-        text = "input\toutput\terror\n" + "".join(f"{s}\t{o}\t{e}\n" for s, o, e in self._rows)
-        for h in self._mlflow_handlers():
-            if h.cur_run is not None:
-                h.client.log_text(h.cur_run.info.run_id, text, "outputs.tsv")
+        self.mlflow.log_text("input\toutput\terror\n" + "".join(f"{s}\t{o}\t{e}\n" for s, o, e in self._rows),
+                             "outputs.tsv")
 
     def run(self) -> List[str]:
         """Plan every output, then predict every item; raises :class:`InferenceError` at the end if any failed."""
@@ -648,6 +619,7 @@ class VolumePredictor:
         n = len(self.dataset)
         self.written, self.failed, self._rows = [], [], []
         engine = Engine(self._step)
+        connect_tracking([*self.handlers, self])  # this predictor and the handlers log to the MLFlowHandler's run
         # registered before the handlers, so that MONAI's MLFlowHandler logs them before it closes its run
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._metrics)
         engine.add_event_handler(Events.COMPLETED, self._log_outputs)
@@ -657,5 +629,5 @@ class VolumePredictor:
         if self.failed:
             lines = "\n".join(f"  {src}: {msg}" for src, msg in self.failed)
             raise InferenceError(f"{len(self.failed)} of {n} input(s) failed ({n - len(self.failed)} written):\n{lines}")
-        print(f"[retina] wrote {len(self.written)} file(s) for {n} input(s) to {self.output_dir}", flush=True)
+        logger.info("[retina] wrote %d file(s) for %d input(s) to %s", len(self.written), n, self.output_dir)
         return self.written

@@ -41,6 +41,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRange
 
+from custom.utils import progress
+
 __all__ = [
     "MAPPINGS",
     "fingerprint",
@@ -78,7 +80,7 @@ def _evenly(n: int, k: int) -> list[int]:
 
 
 def _sample_file(path: str, key: Optional[str], slices: int, max_pixels: int) -> tuple[np.ndarray, str]:
-    from custom.data import em_shape, read_em_slice
+    from custom.io import em_shape, read_em_slice
 
     shape = em_shape(path, key, "image")
     indices = [-1] if len(shape) == 2 else _evenly(shape[0], slices)
@@ -101,7 +103,7 @@ def _sample(
     if not paths:
         raise ValueError("no images to take an intensity fingerprint of")
     values, dtypes = [], []
-    for i in _evenly(len(paths), max_files):
+    for i in progress(_evenly(len(paths), max_files), "intensity fingerprint"):
         v, dt = _sample_file(*paths[i], slices_per_file, max_pixels)
         values.append(v)
         dtypes.append(dt)
@@ -196,7 +198,7 @@ def dataset_intensity(
 
     ``mean``/``std`` given by the user are kept; otherwise they are measured on the mapped sample.
     With a fixed ``[low, high]`` mapping and both ``mean`` and ``std`` given nothing is read (the record
-    then has no fingerprint). Prints one line saying what was chosen.
+    then has no fingerprint). Logs one line saying what was chosen.
 
     Raises:
         custom.errors.ConfigError: the mapping is unknown, or the images are constant under it.
@@ -220,7 +222,7 @@ def dataset_intensity(
             "check intensity_mapping or set intensity_mean/intensity_std"
         )
     record = {"mapping": how, "low": low, "high": high, "mean": mean, "std": std, "fingerprint": fp}
-    print(f"[retina] intensity: {describe(record)}", flush=True)
+    logger.info("[retina] intensity: %s", describe(record))
     return record
 
 
@@ -310,7 +312,7 @@ class MapIntensityd(MapTransform):
 
     The arithmetic is MONAI's ``ScaleIntensityRange``. Works on the raw values, so MONAI's
     uint16 -> int32 conversion on loading changes nothing. Warns once per file (meta
-    ``filename_or_obj``) whose dtype (meta ``em_dtype``, set by ``custom.data.EMReader``) or
+    ``filename_or_obj``) whose dtype (meta ``em_dtype``, set by ``custom.io.EMReader``) or
     0.5/99.5 percentile range differs from the record's fingerprint. A record with
     ``"mapping": "per-image"`` (weights without a record) maps each image by its own percentiles
     (uint8 and bool: the dtype range).

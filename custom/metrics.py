@@ -17,20 +17,16 @@ and score one class at a time over the whole image or volume, as the paper does:
 Conventions: a score whose sets are empty on both sides is NaN (the class is absent); a
 distance to an empty set is ``inf``. Means over classes and volumes skip NaN.
 
-Ignite handlers for the bundle configs: :class:`PooledClassScore` (the validation key
-metric: counts pooled over every validation image, averaged over the evaluated classes),
-:class:`SegmentationMetricsSaver` (per class and per volume CSV + JSON, summary into
-``engine.state.metrics``), :class:`PredictionOverlays` (image | truth | prediction PNGs); their files also go to the MLflow
-run of an ``MLFlowHandler`` attached to the same engine (``--tracking mlflow``), if any.
+For the bundle configs: :class:`PooledClassScore` (the validation key metric: counts pooled over
+every validation image, averaged over the evaluated classes). The handlers that write the
+evaluation tables and overlays are ``custom.handlers.SegmentationMetricsSaver`` and
+``custom.handlers.PredictionOverlays``.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-import os
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -53,9 +49,6 @@ __all__ = [
     "summarize",
     "ClassConfusionMetric",
     "PooledClassScore",
-    "SegmentationMetricsSaver",
-    "PredictionOverlays",
-    "overlay_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -282,222 +275,3 @@ class PooledClassScore(IgniteMetricHandler):
             output_transform=output_transform,
             save_details=save_details,
         )
-
-
-def _log_artifacts(engine: Any, paths: Sequence[str], artifact_path: Optional[str] = None) -> None:
-    """Log files to the run of the ``MLFlowHandler`` attached to ``engine`` (``--tracking mlflow``), if any."""
-    from .handlers import find_mlflow_handler
-
-    handler = find_mlflow_handler(engine)
-    if handler is None or handler.cur_run is None:
-        return
-    for p in paths:
-        try:
-            handler.client.log_artifact(handler.cur_run.info.run_id, p, artifact_path=artifact_path)
-        except Exception as err:  # tracking must never break training
-            logger.warning("could not log %s to MLflow: %s", p, err)
-
-
-def _json_value(v: float) -> Any:
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
-
-
-def _item_name(item: Any, index: int) -> str:
-    if isinstance(item, Mapping):
-        image = item.get("image")
-        meta = getattr(image, "meta", None) or {}
-        name = meta.get("filename_or_obj") or item.get("name")
-        if isinstance(name, (list, tuple)):
-            name = name[0] if name else None
-        if name:
-            return str(name)
-    return f"item_{index:04d}"
-
-
-class SegmentationMetricsSaver:
-    """Scores every evaluated image or volume with :func:`evaluate_segmentation`; at the end of the
-    epoch writes ``<output_dir>/<prefix>_metrics.csv`` (one row per volume and class, plus the means)
-    and ``<prefix>_summary.json``, puts ``<prefix>_mean_<metric>`` (and per class
-    ``<prefix>_<class>_<metric>``) into ``engine.state.metrics`` (so StatsHandler and MLflow record
-    them) and logs both files to the MLflow run of an attached ``MLFlowHandler``.
-
-    Args:
-        output_dir: folder of the CSV and JSON files.
-        classes, class_names, distances, cremi, spacing, cremi_threshold: see :func:`evaluate_segmentation`.
-        output_transform: engine output -> ``(preds, labels)`` lists of channel-first label maps.
-        prefix: file and metric name prefix.
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        classes: Sequence[int],
-        class_names: Optional[Mapping[Any, str]] = None,
-        distances: bool = True,
-        cremi: bool = False,
-        spacing: Optional[Sequence[float]] = None,
-        cremi_threshold: Optional[float] = None,
-        output_transform: Callable = from_engine(["pred", "label"]),
-        prefix: str = "eval",
-    ) -> None:
-        self.output_dir = output_dir
-        self.classes = [int(c) for c in classes]
-        self.class_names = dict(class_names) if class_names else None
-        self.distances, self.cremi = distances, cremi
-        self.spacing, self.cremi_threshold = spacing, cremi_threshold
-        self.output_transform = output_transform
-        self.prefix = prefix
-        self.results: Dict[str, Dict[str, Dict[str, float]]] = {}
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-
-    def reset(self, engine: Any = None) -> None:
-        self.results = {}
-
-    def iteration_completed(self, engine: Any) -> None:
-        preds, labels = self.output_transform(engine.state.output)
-        outputs = engine.state.output if isinstance(engine.state.output, (list, tuple)) else [None] * len(preds)
-        for item, p, t in zip(outputs, preds, labels):
-            name = _item_name(item, len(self.results))
-            while name in self.results:
-                name += "_"
-            self.results[name] = evaluate_segmentation(
-                p[0], t[0], self.classes, self.class_names, self.distances, self.cremi, self.spacing, self.cremi_threshold
-            )
-            logger.info("%s: %s", name, _fmt(self.results[name]["mean"]))
-
-    def epoch_completed(self, engine: Any) -> None:
-        if not self.results:
-            return
-        summary = summarize(self.results)
-        paths = self.write(summary)
-        for cls, row in summary.items():
-            for metric, v in row.items():
-                key = f"{self.prefix}_mean_{metric}" if cls == "mean" else f"{self.prefix}_{cls}_{metric}"
-                engine.state.metrics[key] = v
-        print(f"[retina] {self.prefix} over {len(self.results)} volume(s): {_fmt(summary['mean'])}", flush=True)
-        _log_artifacts(engine, paths, artifact_path="metrics")
-
-    def write(self, summary: Mapping[str, Mapping[str, float]]) -> List[str]:
-        """Write the CSV and JSON files; returns their paths."""
-        os.makedirs(self.output_dir, exist_ok=True)
-        metrics: List[str] = []
-        for res in list(self.results.values()) + [summary]:
-            for row in res.values():
-                metrics += [k for k in row if k not in metrics]
-        csv_path = os.path.join(self.output_dir, f"{self.prefix}_metrics.csv")
-        with open(csv_path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["volume", "class"] + metrics)
-            for vol, res in list(self.results.items()) + [("mean", summary)]:
-                for cls, row in res.items():
-                    w.writerow([vol, cls] + [row.get(m, "") for m in metrics])
-        json_path = os.path.join(self.output_dir, f"{self.prefix}_summary.json")
-        doc = {
-            "classes": self.classes,
-            "mean": {c: {k: _json_value(v) for k, v in r.items()} for c, r in summary.items()},
-            "per_volume": {
-                vol: {c: {k: _json_value(v) for k, v in r.items()} for c, r in res.items()}
-                for vol, res in self.results.items()
-            },
-        }
-        with open(json_path, "w") as f:
-            json.dump(doc, f, indent=2)
-        return [csv_path, json_path]
-
-
-def _fmt(row: Mapping[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in row.items())
-
-
-def overlay_image(
-    image: ArrayLike, truth: ArrayLike, pred: ArrayLike, num_classes: int = 2, alpha: float = 0.4
-) -> np.ndarray:
-    """An RGB uint8 panel ``image | image + truth | image + prediction`` of one 2D slice (arrays (H, W))."""
-    from monai.visualize import blend_images
-
-    img = np.asarray(image, dtype=np.float32)
-    lo, hi = float(np.min(img)), float(np.max(img))
-    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    scale = float(max(num_classes, 2))
-    panels = [np.repeat(img[None], 3, axis=0)]
-    for lab in (truth, pred):
-        lab = np.asarray(lab, dtype=np.float32)[None] / scale
-        panels.append(np.asarray(blend_images(img[None], lab, alpha=alpha, cmap="hsv", rescale_arrays=False)))
-    rgb = np.concatenate(panels, axis=2)  # (3, H, 3W)
-    return (np.clip(np.moveaxis(rgb, 0, -1), 0, 1) * 255).astype(np.uint8)
-
-
-def _representative_slice(truth: np.ndarray) -> int:
-    counts = (truth > 0).reshape(truth.shape[0], -1).sum(axis=1)
-    return int(np.argmax(counts)) if counts.max() > 0 else truth.shape[0] // 2
-
-
-class PredictionOverlays:
-    """Saves ``image | truth | prediction`` overlays of a few evaluated items per epoch as PNG and logs them
-    to the MLflow run of an attached ``MLFlowHandler``.
-
-    Items are chosen evenly over the epoch (``max_images`` of them); for a 3D item the slice with
-    the most truth foreground is shown. Files: ``<output_dir>/epoch<NNNN>_<k>.png`` (the epoch is the
-    trainer's when the engine is a validator).
-
-    Args:
-        output_dir: folder of the PNG files.
-        max_images: overlays per epoch.
-        num_classes: label classes including background (sets the colours).
-        output_transform: engine output -> ``(images, labels, preds)`` lists of channel-first arrays.
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        max_images: int = 3,
-        num_classes: int = 2,
-        output_transform: Callable = from_engine(["image", "label", "pred"]),
-    ) -> None:
-        self.output_dir = output_dir
-        self.max_images = max_images
-        self.num_classes = num_classes
-        self.output_transform = output_transform
-        self.saved: List[str] = []
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-
-    def reset(self, engine: Any = None) -> None:
-        self.saved = []
-
-    def _wanted(self, engine: Any) -> bool:
-        n = engine.state.epoch_length or 1
-        k = (engine.state.iteration - 1) % n
-        picks = set(np.linspace(0, n - 1, min(self.max_images, n)).round().astype(int).tolist())
-        return k in picks and len(self.saved) < self.max_images
-
-    def iteration_completed(self, engine: Any) -> None:
-        if self.max_images <= 0 or not self._wanted(engine):
-            return
-        from PIL import Image
-
-        images, labels, preds = self.output_transform(engine.state.output)
-        img, lab, prd = (np.asarray(torch.as_tensor(x[0]).detach().cpu().float()) for x in (images[0], labels[0], preds[0]))
-        if img.ndim == 3:
-            z = _representative_slice(lab)
-            img, lab, prd = img[z], lab[z], prd[z]
-        os.makedirs(self.output_dir, exist_ok=True)
-        path = os.path.join(self.output_dir, f"epoch{engine.state.epoch:04d}_{len(self.saved)}.png")
-        Image.fromarray(overlay_image(img, lab, prd, self.num_classes)).save(path)
-        self.saved.append(path)
-
-    def epoch_completed(self, engine: Any) -> None:
-        _log_artifacts(engine, self.saved, artifact_path="overlays")

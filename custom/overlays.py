@@ -41,7 +41,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-from custom.errors import ConfigError
+from custom.errors import ConfigError, OverlayError
 
 __all__ = ["OverlayError", "config_code", "check_plain_config", "bundle_config_files", "check_overlays", "check_overrides"]
 
@@ -50,10 +50,6 @@ EXPRESSION = "$"
 MACRO = "%"
 CODE_KEYS = ("_target_",)
 ID_SEP = "#"
-
-
-class OverlayError(ConfigError):
-    """A config file from outside the bundle's ``configs/`` folder that holds code (reported as a config error)."""
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
-__all__ = ["RunSettings", "check_resume", "lock_folder", "StopAtIteration", "LOCK_NAME"]
+__all__ = ["RunSettings", "check_resume", "lock_folder", "StopAtIteration", "LOCK_NAME", "resume_from", "log_summary", "use_threads", "attach_handlers"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,3 +229,42 @@ class StopAtIteration:
     def __call__(self, engine: Any) -> None:
         if engine.state.iteration % engine.state.epoch_length:  # only a run that would go on needs it
             engine.terminate_epoch()
+
+
+def resume_from(
+    folder: Union[str, os.PathLike], planned: Optional[int], enabled: bool = True, score_name: str = "epoch"
+) -> Optional[str]:
+    """The checkpoint a training resumes from (``custom.handlers.resume_checkpoint``: with ``planned`` None
+    the newest one, even of a finished run), or None when ``enabled`` is False (``--resume False``: a new
+    training, whatever the folder holds)."""
+    if not enabled:
+        return None
+    from custom.handlers import resume_checkpoint
+
+    return resume_checkpoint(folder, planned, score_name=score_name)
+
+
+def log_summary(evaluator: Any, epoch_length: int, model_path: Union[str, os.PathLike]) -> None:
+    """Log the best validation score of a finished training and where its weights are (one line)."""
+    state = evaluator.state
+    logger.info(
+        "[retina] best validation mean IoU %.4f at epoch %d (of %d iterations each); checkpoint %s",
+        state.best_metric, state.best_metric_epoch, epoch_length, os.fspath(model_path),
+    )
+
+
+def use_threads(threads: int) -> int:
+    """Set torch's intra-op threads to ``threads`` when it is >= 1 (0: torch's default); returns the count in use."""
+    import torch
+
+    if int(threads) >= 1:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def attach_handlers(engine: Any, *handlers: Any) -> Any:
+    """Attach each handler that is there (``None``, e.g. a disabled resume loader, is skipped) to ``engine``."""
+    for handler in handlers:
+        if handler is not None:
+            handler.attach(engine)
+    return engine

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["em_image", "em_volume", "write_labelled_demo", "write_unlabelled_demo"]
+from .utils import atomic_path
+
+__all__ = ["em_image", "em_volume", "write_labelled_demo", "write_unlabelled_demo", "labelled_data_root"]
 
 SeedLike = Any  # what numpy.random.default_rng accepts: int, sequence of ints, SeedSequence
 
@@ -229,28 +230,18 @@ def em_volume(
 # --------------------------------------------------------------------------------------
 # demo folders
 # --------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Write through a hidden temporary name in the same folder, then rename onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_png(path: Path, arr: np.ndarray) -> None:
     from PIL import Image
 
-    _atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
 
 
 def _write_tif(path: Path, arr: np.ndarray) -> None:
     import tifffile
 
-    _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, arr, photometric="minisblack"))
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, arr, photometric="minisblack")
 
 
 def _up_to_date(folder: Path, manifest: str, params: dict, files: list[Path]) -> bool:
@@ -262,7 +253,8 @@ def _up_to_date(folder: Path, manifest: str, params: dict, files: list[Path]) ->
 
 
 def _record(folder: Path, manifest: str, params: dict) -> None:
-    _atomic_write(folder / manifest, lambda tmp: Path(tmp).write_text(json.dumps(params, sort_keys=True)))
+    with atomic_path(folder / manifest) as tmp:
+        tmp.write_text(json.dumps(params, sort_keys=True))
 
 
 def write_unlabelled_demo(
@@ -322,3 +314,15 @@ def write_labelled_demo(
             _write_tif(Path(items[split][0]["label"]), label)
         _record(folder, manifest, params)
     return items
+
+
+def labelled_data_root(
+    dataset_dir: str | os.PathLike | None, demo_dir: str | os.PathLike, shape: Sequence[int] = (24, 160, 160),
+    num_classes: int = 2,
+) -> str:
+    """The fine-tuning data folder: ``dataset_dir`` when given, else ``demo_dir`` holding the synthetic
+    demo (:func:`write_labelled_demo`, written once), so the bundle's demo runs with no data at all."""
+    if dataset_dir:
+        return os.fspath(dataset_dir)
+    write_labelled_demo(demo_dir, shape=shape, num_classes=num_classes)
+    return os.fspath(demo_dir)

@@ -16,7 +16,7 @@ import fire
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from custom.transunet import transunet_from_preset
+from custom.networks import transunet_from_preset
 
 
 def _sync(device: torch.device) -> None:

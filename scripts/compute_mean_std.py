@@ -1,7 +1,7 @@
 """Dataset intensity mean and standard deviation for the fine-tuning bundle's normalisation.
 
 The RETINA recipe normalises each dataset with its own mean and std of intensities scaled to
-[0, 1] by dtype (uint8 / 255, uint16 / 65535; ``custom.data.to_unit_range``). This reads every
+[0, 1] by dtype (uint8 / 255, uint16 / 65535; ``custom.io.to_unit_range``). This reads every
 2D image and 3D volume under a folder (or one file) and prints the values as bundle overrides::
 
     python scripts/compute_mean_std.py /data/mito/train/images
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from custom.data import DatasetError, em_shape, find_em_files, read_em, read_em_slice, to_unit_range  # noqa: E402
+from custom.io import DatasetError, em_shape, find_em_files, read_em, read_em_slice, to_unit_range  # noqa: E402
 
 
 def _slices(path: str, max_slices: int):
@@ -45,7 +45,7 @@ def compute_mean_std(root: str, max_slices: int = 0) -> dict:
         ``{"intensity_mean", "intensity_std", "files", "pixels"}``.
 
     Raises:
-        custom.data.DatasetError: ``root`` missing, empty or holding an unreadable file.
+        custom.io.DatasetError: ``root`` missing, empty or holding an unreadable file.
     """
     files = find_em_files(root)
     total, total_sq, count = 0.0, 0.0, 0

@@ -14,7 +14,7 @@ import sys
 import fire
 
 from custom.checkpoints import CheckpointError, load_weights, read_state_dict, save_state_dict
-from custom.transunet import transunet_from_preset
+from custom.networks import transunet_from_preset
 
 
 def main(src: str, dst: str, preset: str = "", img_size: int = 0) -> str:

@@ -134,8 +134,8 @@ def main(name: str, out: str = "dist", url_base: str = "", weights: str = "", ov
             if rel == Path("models/model.pt"):
                 continue
             z.write(p, f"{name}/{rel.as_posix()}")
-        for p in sorted((ROOT / "custom").glob("*.py")):
-            z.write(p, f"{name}/custom/{p.name}")
+        for p in sorted((ROOT / "custom").rglob("*.py")):  # the package with its sub-packages (custom/io/)
+            z.write(p, f"{name}/custom/{p.relative_to(ROOT / 'custom').as_posix()}")
         if model_pt.is_file():
             z.write(model_pt, f"{name}/models/model.pt")
             url = f"{url_base.rstrip('/')}/{name}/models/model.pt" if url_base else "models/model.pt"

@@ -15,7 +15,7 @@ from custom.checkpoints import (
     read_state_dict,
     transfer_pretrained,
 )
-from custom.transunet import TransUNet, decode_record, transunet_from_preset
+from custom.networks import TransUNet, decode_record, transunet_from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"

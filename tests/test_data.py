@@ -1,4 +1,4 @@
-"""Tests for custom/data.py: EM file discovery, readers, writers, slicing and validation."""
+"""Tests for custom/io/: EM file discovery, readers, writers, slicing and validation."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from custom import data as D
-from custom.data import DatasetError
+from custom import io as D
+from custom.io import DatasetError
+from custom.io import formats as F
+from custom.io import slicing as S
 
 RNG = np.random.default_rng(0)
 VOL = RNG.integers(0, 256, (5, 12, 17), dtype=np.uint8)  # (Z, Y, X), all sides distinct
@@ -29,7 +31,7 @@ def _one_line_error(excinfo, path) -> str:
 
 
 # ----------------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("name", ["v.tif", "v.tiff", "v.nii.gz", "v.nii", "v.h5", "v.nrrd", "v.mrc", "slices"])
+@pytest.mark.parametrize("name", ["v.tif", "v.tiff", "v.nii.gz", "v.nii", "v.h5", "v.nrrd", "v.mrc", "v.mha", "slices"])
 def test_round_trip_3d(tmp_path, name):
     path = tmp_path / name
     D.write_em(path, VOL)
@@ -41,7 +43,7 @@ def test_round_trip_3d(tmp_path, name):
     assert D.em_shape(path) == VOL.shape
 
 
-@pytest.mark.parametrize("name", ["i.png", "i.tif", "i.nii.gz", "i.h5", "i.nrrd"])
+@pytest.mark.parametrize("name", ["i.png", "i.tif", "i.nii.gz", "i.h5", "i.nrrd", "i.mha"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_round_trip_2d(tmp_path, name, dtype):
     arr = RNG.integers(0, np.iinfo(dtype).max, (9, 14)).astype(dtype)
@@ -111,6 +113,33 @@ def test_nifti_geometry_preserved(tmp_path):
     assert back.get_data_dtype() == np.uint8
 
 
+@pytest.mark.parametrize("name", ["v.mha", "v.mhd", "v.gipl"])
+def test_metaimage_through_itk_keeps_spacing(tmp_path, name):
+    """MetaImage/GIPL (ITK's formats) read through MONAI's ITKReader as (Z, Y, X), shapes from the
+    header, and written as .mha with the spacing, origin and direction of the reference."""
+    import itk
+
+    src = tmp_path / name
+    img = itk.image_from_array(VOL.copy())  # ITK takes a (z, y, x) array; its sizes and spacing are (x, y, z)
+    img.SetSpacing([0.5, 0.25, 2.0])
+    img.SetOrigin([1.0, 2.0, 3.0])
+    itk.imwrite(img, str(src))
+    assert D.em_format(src) == "itk" and D.em_shape(src) == VOL.shape
+    np.testing.assert_array_equal(D.read_em(src), VOL)
+    np.testing.assert_array_equal(D.read_em_slice(src, "yz", 3), VOL[:, :, 3])
+    assert [f for f in D.find_em_files(tmp_path)] == [str(src)]  # a .mhd's .raw pixels are no image of their own
+    out = D.write_em(tmp_path / "pred.mha", LAB, reference=src)
+    back = itk.imread(out)
+    np.testing.assert_allclose(tuple(back.GetSpacing()), (0.5, 0.25, 2.0))
+    np.testing.assert_allclose(tuple(back.GetOrigin()), (1.0, 2.0, 3.0))
+    np.testing.assert_array_equal(D.read_em(out), LAB)
+    meta = D.EMReader().get_data(D.EMReader().read(out))[1]
+    assert meta["em_format"] == "itk" and tuple(meta["spatial_shape"]) == LAB.shape
+    with pytest.raises(DatasetError, match="write .mha"):
+        D.write_em(tmp_path / "pred.mhd", LAB)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_nrrd_reference_space_copied(tmp_path):
     import nrrd
 
@@ -176,7 +205,7 @@ def test_rgb_png_converted_with_warning(tmp_path, caplog):
     rgb = RNG.integers(0, 256, (6, 7, 3), dtype=np.uint8)
     path = tmp_path / "colour.png"
     Image.fromarray(rgb).save(path)
-    with caplog.at_level(logging.WARNING, logger="custom.data"):
+    with caplog.at_level(logging.WARNING, logger="custom.io"):
         gray = D.read_em(path)
     assert gray.shape == (6, 7) and gray.dtype == np.uint8
     expected = np.rint(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
@@ -280,26 +309,26 @@ def test_load_em_sliced_planes(tmp_path, name):
     loader = D.LoadEMSliced(keys=("image", "label"))
     for item in D.slice_items([{"image": img, "label": lab}], planes="orthoplane"):
         out = loader(item)
-        expected = D._take(VOL, item["plane"], item["index"])
+        expected = S._take(VOL, item["plane"], item["index"])
         assert out["image"].shape == (1, *expected.shape)
         assert out["image"].dtype == torch.float32
         np.testing.assert_allclose(out["image"][0].numpy(), expected / 255.0, atol=1e-6)
         assert out["label"].dtype == torch.int64
-        np.testing.assert_array_equal(out["label"][0].numpy(), D._take(LAB, item["plane"], item["index"]))
+        np.testing.assert_array_equal(out["label"][0].numpy(), S._take(LAB, item["plane"], item["index"]))
         assert out["image"].meta["filename_or_obj"] == img
     # no cache: partial reads give the same slices
     loader = D.LoadEMSliced(keys="image", cache_size=0, as_tensor=False)
     for plane, index in (("xy", 3), ("xz", 11), ("yz", 16)):
         out = loader({"image": img, "plane": plane, "index": index})["image"]
         assert isinstance(out, np.ndarray) and out.dtype == np.float32
-        np.testing.assert_allclose(out[0], D._take(VOL, plane, index) / 255.0, atol=1e-6)
+        np.testing.assert_allclose(out[0], S._take(VOL, plane, index) / 255.0, atol=1e-6)
 
 
 def test_load_em_sliced_caches_volume(tmp_path, monkeypatch):
     path = D.write_em(tmp_path / "v.tif", VOL)
     calls = []
-    real = D._read_raw
-    monkeypatch.setattr(D, "_read_raw", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = F._read_raw
+    monkeypatch.setattr(F, "_read_raw", lambda *a, **k: calls.append(a) or real(*a, **k))
     loader = D.LoadEMSliced(keys="image")
     for item in D.slice_items([path]):
         loader(item)

@@ -17,8 +17,8 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from custom.checkpoints import CheckpointError
-from custom.data import read_em, write_em
-from custom.transunet import decode_record, transunet_from_preset
+from custom.io import read_em, write_em
+from custom.networks import decode_record, transunet_from_preset
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "retina_finetune"
@@ -231,6 +231,9 @@ def test_demo_train_evaluate_infer_with_tracking(tmp_path):
     exp = client.get_experiment_by_name("retina_finetune")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.params["transfer"] == "encoder" and run.data.params["preset"] == "tiny"
+    # the intensity record the weights carry is a run parameter too (the demo is uint8: / 255)
+    assert run.data.params["intensity.mapping"] == "dtype" and run.data.params["intensity.high"] == "255.0"
+    assert run.data.params["intensity.fingerprint.dtype"] == "uint8"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 12
     assert "val_mean_iou" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -309,7 +312,7 @@ def test_cdeep3m_finetune_beats_baselines(tmp_path, shared_dir):
         intensity_std=0.19845676,
     )
     # during training, validate on 2 of the 10 validation slices (the full set is evaluated below)
-    subset = {"validate#dataset#data": "$custom.data.slice_items(@val_items[:2], planes='xy', keys=('image', 'label'))"}
+    subset = {"validate#dataset#data": "$custom.io.slice_items(@val_items[:2], planes='xy', keys=('image', 'label'))"}
     start = time.time()
     _workflow(["train", "demo"], tmp_path, **common, **subset)
     _workflow(["train", "evaluate", "demo"], tmp_path, eval_overlap=0.25, distances=False, **common)

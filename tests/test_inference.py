@@ -12,10 +12,11 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.inferers import SlidingWindowInferer
 
-from custom.data import read_em, write_em
+from custom.io import read_em, write_em
 from custom.errors import ConfigError, OutputError
-from custom.inference import InferenceError, SliceWiseInferer, list_inputs, output_path, plane_list
-from custom.transunet import transunet_from_preset
+from custom.inference import InferenceError, SliceWiseInferer, list_inputs, output_path
+from custom.networks import transunet_from_preset
+from custom.utils import plane_list
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "retina_finetune"
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from custom.data import write_em
+from custom.io import write_em
 from custom.intensity import MapIntensityd, choose_range, dataset_intensity, fingerprint, from_checkpoint
 from custom.synthetic import em_volume
-from custom.transunet import decode_record, transunet_from_preset
+from custom.networks import decode_record, transunet_from_preset
 
 REPO = Path(__file__).resolve().parents[1]
 FT = REPO / "bundles" / "retina_finetune"

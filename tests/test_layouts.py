@@ -1,10 +1,10 @@
 """Data read as meant, continuing from a bundle's own weights, one resume checkpoint, overlays without code,
 the README's evaluate command.
 
-- Layouts (``custom.data``): ``(H, W, 1)`` is a 2D image, ``(Z, Y, X, 1)`` a volume, ``(1, Y, X)`` a
+- Layouts (``custom.io``): ``(H, W, 1)`` is a 2D image, ``(Z, Y, X, 1)`` a volume, ``(1, Y, X)`` a
   one-slice volume; an HDF5 file with several datasets and none of the known names is refused with
   their names and the override (``--h5_image_key`` / ``"image_key"``), never guessed; training labels
-  without any foreground are refused (``custom.data.check_foreground``).
+  without any foreground are refused (``custom.io.check_foreground``).
 - MONAI Label serving ``retina_finetune`` alone (no ``../retina_pretrain``): training continues from the
   bundle's ``models/model.pt`` (``custom.checkpoints.continues_from``), emulated with the overrides MONAI
   Label 0.8.5's ``BundleTrainTask`` passes to ``monai.bundle.run`` in-process.
@@ -34,8 +34,8 @@ import pytest
 import tifffile
 import torch
 
-from custom import data as D
-from custom.data import DatasetError
+from custom import io as D
+from custom.io import DatasetError
 from custom.synthetic import em_volume
 from test_reliability import (
     FT,
@@ -151,7 +151,7 @@ def test_check_foreground(tmp_path):
 def test_prepared_dataset_json_is_plain_values(tmp_path):
     """What the preparation scripts write is an overlay the bundles accept: plain values only."""
     from custom.overlays import check_overlays, config_code
-    from custom.prepare import RECIPES, DatasetWriter
+    from scripts.prepare import RECIPES, DatasetWriter
 
     img, lab = em_volume((2, 32, 32), seed=0)
     lab = (lab == 1).astype(np.uint8)
@@ -243,7 +243,7 @@ def _empty_labels(ds: Path) -> None:
     D.write_em(ds / "train" / "labels" / "vol0.tif", np.zeros((3, 64, 64), np.uint8))
 
 
-SHORT = ["--iterations", 2, "--val_interval", 2, "--batch_size", 2, "--log_every", 1]
+SHORT = ["--iterations", 2, "--val_interval", 2, "--batch_size", 2, "--log_interval", 1]
 
 
 def _ft(build, *extra):
@@ -350,7 +350,7 @@ def test_continue_from_the_bundles_own_weights(tmp_path, caplog):
     import logging
 
     from custom.checkpoints import CheckpointError, continues_from, require_pretrained, transfer_pretrained
-    from custom.transunet import transunet_from_preset
+    from custom.networks import transunet_from_preset
 
     own = _tiny_checkpoint(tmp_path / "models" / "model.pt", hidden_size=48, mlp_dim=96)  # not the default init
     missing = tmp_path / "retina_pretrain" / "model.pt"
@@ -411,7 +411,7 @@ def _monailabel_train(tmp: Path, with_model: bool) -> subprocess.CompletedProces
     ds = _labelled(tmp / "ds", n_train=2, n_val=0)
     items = [{"image": str(p), "label": str(ds / "train" / "labels" / p.name)} for p in sorted((ds / "train" / "images").iterdir())]
     demo = json.loads((FT / "configs" / "demo.json").read_text())
-    extra = {**demo, "iterations": 2, "val_interval": 2, "batch_size": 2, "log_every": 1}
+    extra = {**demo, "iterations": 2, "val_interval": 2, "batch_size": 2, "log_interval": 1}
     if with_model:
         _tiny_checkpoint(tmp / "root" / "models" / "model.pt", out_channels=1)
     return subprocess.run([sys.executable, "-c", MONAILABEL_TRAIN, str(FT), str(tmp / "root"), json.dumps(items),
@@ -452,7 +452,7 @@ def test_killed_and_resumed_training_keeps_one_resume_checkpoint(tmp_path):
     ds = _labelled(tmp_path / "ds")
     root = tmp_path / "root"
     cmd = _bundle_cmd(FT, TRAIN, "--bundle_root", root, "--dataset_dir", ds, "--transfer", "none", "--iterations", 12,
-                      "--val_interval", 4, "--batch_size", 2, "--log_every", 1)
+                      "--val_interval", 4, "--batch_size", 2, "--log_interval", 1)
     resume_dir = root / "eval" / "checkpoints"
     with open(tmp_path / "killed.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=FT, env=_env(), stdout=out, stderr=subprocess.STDOUT)

@@ -1,4 +1,4 @@
-"""Evaluation metrics (custom/metrics.py) against values computed by hand on tiny arrays."""
+"""Evaluation metrics (custom/metrics.py) and their handlers (custom/handlers/), against values computed by hand."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ import pytest
 import torch
 from ignite.engine import Engine
 
+from custom.handlers import PredictionOverlays, SegmentationMetricsSaver, overlay_image
 from custom.metrics import (
     ClassConfusionMetric,
     PooledClassScore,
-    PredictionOverlays,
-    SegmentationMetricsSaver,
     class_confusion,
     cremi_distances,
     directed_surface_distances,
     evaluate_segmentation,
     mean_false_distance,
-    overlay_image,
     scores_from_confusion,
     summarize,
 )

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from custom.checkpoints import load_weights
-from custom.transunet import transunet_from_preset
+from custom.networks import transunet_from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {"retina_pretrain": "reconstruction", "retina_finetune": "segmentation"}

@@ -56,9 +56,9 @@ import pytest
 import torch
 
 from custom.checkpoints import load_weights
-from custom.data import write_em
+from custom.io import write_em
 from custom.synthetic import em_volume
-from custom.transunet import transunet_from_preset
+from custom.networks import transunet_from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("RETINA_MONAILABEL_VENV", str(ROOT / ".venv-monailabel"))).absolute()

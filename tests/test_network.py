@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from custom.transunet import PRESETS, TransUNet, transunet_from_preset
+from custom.networks import PRESETS, TransUNet, transunet_from_preset
 
 
 def n_params(m):
@@ -68,3 +68,17 @@ def test_gradients_reach_every_parameter():
     m = transunet_from_preset("tiny", img_size=64)
     m(torch.rand(2, 1, 64, 64)).mean().backward()
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_token_grid_is_the_row_major_reshape():
+    from custom.networks import TokenGrid
+
+    grid = TokenGrid()
+    x = torch.rand(2, 5, 3, 4)
+    tokens = grid.to_tokens(x)
+    assert torch.equal(tokens, x.flatten(2).transpose(1, 2))
+    assert torch.equal(grid.to_map(tokens, (3, 4)), x)
+    pos = torch.rand(1, 16, 5)
+    assert grid.resample(pos, (4, 4)) is pos and grid.resample(pos, (2, 6)).shape == (1, 12, 5)
+    with pytest.raises(ValueError, match="square grid"):
+        grid.resample(torch.rand(1, 15, 5), (2, 2))

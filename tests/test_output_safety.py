@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from custom.data import DatasetError, find_em_files, read_em, write_em
+from custom.io import DatasetError, find_em_files, read_em, write_em
 from custom.synthetic import em_image, em_volume
 from test_reliability import FT, INFER, PRE, _tail, _tiny_checkpoint, assert_one_line, run_forked
 
@@ -222,7 +222,7 @@ def _check_tracking(tmp, res):
 
 def _pre(tmp, *extra):
     ckpt = _tiny_checkpoint(tmp / "recon.pt", head="reconstruction")
-    return ["--bundle_root", tmp / "root", "--dataset_dir", tmp / "ds", "--checkpoint", ckpt, "--output_dir",
+    return ["--bundle_root", tmp / "root", "--dataset_dir", tmp / "ds", "--model_path", ckpt, "--output_dir",
             tmp / "out", *extra]
 
 
@@ -329,7 +329,7 @@ def test_inference_never_loses_data(name, results):
 
 def test_a_failure_mid_write_leaves_no_folder(tmp_path, monkeypatch):
     """A slice write that fails half-way (disk full): no folder under the output name, no temporary left."""
-    import custom.data as D
+    import custom.io.writer as D
 
     real, calls = D.write_em, []
 
@@ -347,7 +347,7 @@ def test_a_failure_mid_write_leaves_no_folder(tmp_path, monkeypatch):
 
 def _killed_mid_write(target: Path) -> int:
     """Fork; the child writes a 5-slice folder to ``target`` and is SIGKILLed after two slices. Returns its exit code."""
-    import custom.data as D
+    import custom.io.writer as D
 
     pid = os.fork()
     if pid == 0:  # the child never returns into pytest

@@ -18,7 +18,7 @@ import pytest
 import tifffile
 import torch
 
-from custom.transunet import transunet_from_preset
+from custom.networks import transunet_from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +60,8 @@ def test_package_download_and_run_inference(tmp_path, http_dir):
     names = zipfile.ZipFile(zips[0]).namelist()
     for required in ["retina_finetune/configs/metadata.json", "retina_finetune/configs/inference.json",
                      "retina_finetune/docs/README.md", "retina_finetune/LICENSE", "retina_finetune/models/model.pt",
-                     "retina_finetune/large_files.yml", "retina_finetune/custom/transunet.py",
-                     "retina_finetune/custom/data.py", "retina_finetune/custom/inference.py"]:
+                     "retina_finetune/large_files.yml", "retina_finetune/custom/networks/transunet.py",
+                     "retina_finetune/custom/io/formats.py", "retina_finetune/custom/inference.py"]:
         assert required in names, required
     assert not any("/mlruns" in n or "/demo_data/" in n or "/eval/" in n for n in names)
 

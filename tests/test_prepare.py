@@ -1,10 +1,10 @@
-"""Tests of the benchmark preparation scripts (``scripts/prepare_*.py``, ``custom/prepare.py``).
+"""Tests of the benchmark preparation (``scripts/prepare.py`` and its package ``scripts/prepare/``).
 
 Tiny fake sources are built in each dataset's published format (CREMI HDF5 with uint64 cleft
 ids, Guay uint16 TIFF stacks, Kasthuri++/Lucchi++ per-slice PNGs, Perez PNG folders, UroCell
-NIfTI volumes, CEM500K patches). Every script runs once as ``__main__`` in a child process, all
-at the same time. Importing ``custom.data`` (MONAI) costs several seconds per interpreter, so one
-script starts a fresh interpreter (the command a user types) and the others are forked from
+NIfTI volumes, CEM500K patches). Every sub-command runs once as ``__main__`` in a child process, all
+at the same time. Importing ``custom.io`` (MONAI) costs several seconds per interpreter, so one
+run starts a fresh interpreter (the command a user types) and the others are forked from
 this process, which has imported it already. The remaining checks run in-process.
 """
 
@@ -25,8 +25,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from custom.data import DatasetError, pair_images_labels, read_em, write_em
-from custom.prepare import (
+from custom.io import DatasetError, pair_images_labels, read_em, write_em
+from scripts.prepare import (
     CREMI_BACKGROUND_ID,
     OptionError,
     binary_mask,
@@ -180,15 +180,15 @@ def runs(tmp_path_factory):
     (tmp / "src_wrong").mkdir()
     (tmp / "src_wrong" / "readme.txt").write_text("not a dataset")
     jobs = {
-        "cremi": ["prepare_cremi.py", tmp / "src_cremi", tmp / "out_cremi"],
-        "guay": ["prepare_guay.py", tmp / "src_guay", tmp / "out_guay"],
-        "kasthuri": ["prepare_kasthuri.py", tmp / "src_kasthuri", tmp / "out_kasthuri"],
-        "perez": ["prepare_perez.py", tmp / "src_perez", tmp / "out_perez", "--tasks", "mito,nucleoli", "--val_fraction", "0.4"],
-        "urocell": ["prepare_urocell.py", tmp / "src_urocell", tmp / "out_urocell", "--val_fraction", "0.2"],
-        "cem500k": ["prepare_cem500k.py", tmp / "src_cem500k", "--file_list", tmp / "cem_list.txt", "--relative"],
-        "wrong": ["prepare_guay.py", tmp / "src_wrong", tmp / "out_wrong"],
+        "cremi": ["prepare.py", "cremi", tmp / "src_cremi", tmp / "out_cremi"],
+        "guay": ["prepare.py", "guay", tmp / "src_guay", tmp / "out_guay"],
+        "kasthuri": ["prepare.py", "kasthuri", tmp / "src_kasthuri", tmp / "out_kasthuri"],
+        "perez": ["prepare.py", "perez", tmp / "src_perez", tmp / "out_perez", "--tasks", "mito,nucleoli", "--val_fraction", "0.4"],
+        "urocell": ["prepare.py", "urocell", tmp / "src_urocell", tmp / "out_urocell", "--val_fraction", "0.2"],
+        "cem500k": ["prepare.py", "cem500k", tmp / "src_cem500k", "--file_list", tmp / "cem_list.txt", "--relative"],
+        "wrong": ["prepare.py", "guay", tmp / "src_wrong", tmp / "out_wrong"],
     }
-    cold = "cremi"  # a fresh `python scripts/prepare_cremi.py ...`, exactly as a user runs it
+    cold = "cremi"  # a fresh `python scripts/prepare.py cremi ...`, exactly as a user runs it
     fork = "fork" in multiprocessing.get_all_start_methods()
     procs = {}
     for k, v in jobs.items():
@@ -399,7 +399,7 @@ def test_prepared_dataset_overlays_the_bundle_config(runs):
         classes = parser.get_parsed_content("label_classes")
         items = parser.get_parsed_content("train_items") + parser.get_parsed_content("val_items")
         assert len(items) == len(meta["dataset_info"]["files"]["train"]) + len(meta["dataset_info"]["files"]["val"])
-        from custom.data import validate_items
+        from custom.io import validate_items
 
         validate_items(items, num_classes=classes)
 

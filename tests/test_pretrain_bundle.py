@@ -20,8 +20,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from custom.data import DatasetError
-from custom.handlers import latest_checkpoint, pretraining_datalist
+from custom.io import DatasetError, pretraining_datalist
+from custom.handlers import latest_checkpoint
 from custom.synthetic import write_unlabelled_demo
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "retina_pretrain"
@@ -189,6 +189,7 @@ def test_demo_run_logs_to_mlflow_and_loss_goes_down(demo_run):
     params = run.data.params
     assert params["preset"] == "tiny" and params["learning_rate"] == "0.003" and params["crop_size"] == "64"
     assert params["augmentation.noise_var_range"] == "[400.0, 1200.0]"
+    assert params["intensity.mapping"] == "dtype" and params["intensity.fingerprint.dtype"] == "uint8"
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert len(samples) == 5 and all(p.endswith(".png") for p in samples)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
@@ -198,7 +199,7 @@ def test_demo_run_writes_checkpoints_samples_and_plain_final_weights(demo_run):
     from PIL import Image
 
     from custom.checkpoints import load_weights
-    from custom.transunet import transunet_from_preset
+    from custom.networks import transunet_from_preset
 
     root = demo_run["root"]
     sd = torch.load(root / "models" / "model.pt", weights_only=True)
@@ -238,7 +239,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, demo_data):
     env = _env()
     # the same command twice (a resume with other settings is refused: tests/test_runs.py); the
     # kill comes at the first checkpoint, long before iteration 200
-    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *common, "--num_iterations", "200"],
+    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *common, "--iterations", "200"],
                             cwd=BUNDLE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -251,7 +252,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, demo_data):
         proc.wait()
     n = int(re.search(r"iteration=(\d+)", latest_checkpoint(ckpt_dir)).group(1))
     assert n >= 10
-    res = _bundle_run(*common, "--num_iterations", "200")
+    res = _bundle_run(*common, "--iterations", "200")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     its = _iterations(res.stdout)
     assert its and its[0] == n + 1 and its[-1] == 200, its[:3]
@@ -271,7 +272,7 @@ def test_pretraining_on_real_em_beats_the_degraded_input(shared_dir, tmp_path):
         logging_file=False,
         bundle_root=str(tmp_path),
         dataset_dir=str(data),
-        num_iterations=60,
+        iterations=60,
         val_interval=20,
     )
     threads = torch.get_num_threads()
@@ -303,7 +304,7 @@ def test_multi_gpu_config_runs_two_cpu_processes(tmp_path, demo_data):
     configs = "['configs/train.json','configs/multi_gpu_train.json','configs/demo.json']"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     cmd = torchrun + ["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(tmp_path),
-                      "--demo_dir", str(demo_data), "--num_iterations", "40"]
+                      "--demo_dir", str(demo_data), "--iterations", "40"]
     res = subprocess.run(cmd, cwd=BUNDLE, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "val_mse" in res.stdout, res.stdout[-3000:]

@@ -31,9 +31,9 @@ import numpy as np
 import pytest
 import torch
 
-from custom.data import write_em
+from custom.io import write_em
 from custom.synthetic import em_image, em_volume
-from custom.transunet import transunet_from_preset
+from custom.networks import transunet_from_preset
 
 REPO = Path(__file__).resolve().parents[1]
 PRE = REPO / "bundles" / "retina_pretrain"
@@ -246,13 +246,13 @@ def _no_code_ran(tmp: Path, res) -> None:
 
 def _pre_infer_evil(tmp: Path) -> list:
     torch.save(_Evil(tmp / "marker"), tmp / "evil.pt")
-    return ["--bundle_root", tmp / "root", "--dataset_dir", _unlabelled(tmp / "ds", 1), "--checkpoint", tmp / "evil.pt",
+    return ["--bundle_root", tmp / "root", "--dataset_dir", _unlabelled(tmp / "ds", 1), "--model_path", tmp / "evil.pt",
             "--output_dir", tmp / "out"]
 
 
 def _pre_infer_segmentation_ckpt(tmp: Path) -> list:
     ckpt = _tiny_checkpoint(tmp / "seg.pt", head="segmentation", out_channels=3)
-    return ["--bundle_root", tmp / "root", "--dataset_dir", _unlabelled(tmp / "ds", 1), "--checkpoint", ckpt,
+    return ["--bundle_root", tmp / "root", "--dataset_dir", _unlabelled(tmp / "ds", 1), "--model_path", ckpt,
             "--output_dir", tmp / "out"]
 
 
@@ -343,16 +343,16 @@ CASES: dict[str, Case] = {
         lambda t: [str(t / "seg.pt"), "the weights are a fine-tuned segmentation checkpoint"]),
     "pre_inference_checkpoint_missing": Case(
         "pretrain", INFER,
-        lambda t: ["--bundle_root", t / "root", "--dataset_dir", _unlabelled(t / "ds", 1), "--checkpoint", t / "none.pt",
+        lambda t: ["--bundle_root", t / "root", "--dataset_dir", _unlabelled(t / "ds", 1), "--model_path", t / "none.pt",
                    "--output_dir", t / "out"],
         "checkpoint", lambda t: [str(t / "none.pt"), "checkpoint file does not exist"]),
     # ---- settings of the wrong type
     "ft_num_classes_abc": Case(
         "finetune", TRAIN, lambda t: ["--bundle_root", t / "root", "--num_classes", "abc", "--transfer", "none"],
         "config", lambda t: ["num_classes: expected an integer >= 1, got 'abc' (str)"], needs_flag=True),
-    "pre_num_iterations_abc": Case(
-        "pretrain", TRAIN, _pre("--num_iterations", "abc"),
-        "config", lambda t: ["num_iterations: expected an integer >= 1, got 'abc' (str)"]),
+    "pre_iterations_abc": Case(
+        "pretrain", TRAIN, _pre("--iterations", "abc"),
+        "config", lambda t: ["iterations: expected an integer >= 1, got 'abc' (str)"]),
     "pre_resume_lowercase_false": Case(
         "pretrain", TRAIN, _pre("--resume", "false"), "config", lambda t: ["resume: expected True or False, got 'false'"]),
     # ---- output folder
@@ -412,7 +412,7 @@ FORK_RUNNER = textwrap.dedent(
     r"""
     import atexit, json, os, runpy, sys, time
     import monai, monai.bundle.scripts, ignite.engine, mlflow  # the expensive imports, once
-    import custom.checkpoints, custom.data, custom.errors, custom.handlers, custom.inference, custom.transunet
+    import custom.checkpoints, custom.io, custom.errors, custom.handlers, custom.inference, custom.networks
 
     def child(job):
         fd_out = os.open(job["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -514,7 +514,7 @@ def _pre_small_rgb(tmp: Path) -> list:
     _png(ds / "small.png", em_image((40, 40), seed=1))  # smaller than the 64 px crop
     _rgb_png(ds / "rgb.png", seed=2)
     _png(ds / "plain.png", em_image((96, 96), seed=5))
-    return ["--bundle_root", tmp / "root", "--dataset_dir", ds, "--num_iterations", "4", "--val_interval", "2",
+    return ["--bundle_root", tmp / "root", "--dataset_dir", ds, "--iterations", "4", "--val_interval", "2",
             "--log_interval", "1"]
 
 
@@ -524,7 +524,7 @@ def _ft_small_rgb(tmp: Path) -> list:
     _pair_2d(ds / "train", "rgb", (96, 96), seed=2, rgb=True)
     _pair_2d(ds / "val", "small", (48, 40), seed=3)
     return ["--bundle_root", tmp / "root", "--dataset_dir", ds, "--transfer", "none", "--iterations", "4",
-            "--val_interval", "2", "--batch_size", "2", "--log_every", "1"]
+            "--val_interval", "2", "--batch_size", "2", "--log_interval", "1"]
 
 
 def _cut_tiff(path: Path, shape=(128, 128)) -> Path:
@@ -538,7 +538,7 @@ def _pre_infer_folder(tmp: Path) -> list:
     ds = _unlabelled(tmp / "ds", 2)
     _cut_tiff(ds / "cut.tif")
     ckpt = _tiny_checkpoint(tmp / "recon.pt", head="reconstruction")
-    return ["--bundle_root", tmp / "root", "--dataset_dir", ds, "--checkpoint", ckpt, "--output_dir", tmp / "out"]
+    return ["--bundle_root", tmp / "root", "--dataset_dir", ds, "--model_path", ckpt, "--output_dir", tmp / "out"]
 
 
 def _ft_infer_folder(tmp: Path) -> list:
@@ -553,7 +553,7 @@ def _ft_infer_folder(tmp: Path) -> list:
 def _pre_bad_file_in_training(tmp: Path) -> list:
     """A truncated TIFF (its header reads fine) that the pre-training check is told to skip
     (``--check_items 0``), in the training split: found when its batch is loaded."""
-    from custom.handlers import pretraining_datalist
+    from custom.io import pretraining_datalist
 
     ds = _unlabelled(tmp / "ds", 3)
     _cut_tiff(ds / "cut.tif")
@@ -562,7 +562,7 @@ def _pre_bad_file_in_training(tmp: Path) -> list:
     # a fixed intensity mapping: the dataset's intensity fingerprint (which reads a sample) is not taken either
     return ["--bundle_root", tmp / "root", "--dataset_dir", ds, "--check_items", 0, "--seed", seed,
             "--intensity_mapping", "[0, 255]", "--intensity_mean", 0.5, "--intensity_std", 0.2,
-            "--num_iterations", 20, "--val_interval", 10, "--log_interval", 1]
+            "--iterations", 20, "--val_interval", 10, "--log_interval", 1]
 
 
 RUNS: dict[str, Case] = {
@@ -680,7 +680,7 @@ def test_inference_over_a_folder_reports_the_bad_file_and_writes_the_others(run,
                                str(tmp / "in" / "b.tif"), "cannot read TIFF")
         assert sorted(p.name for p in (tmp / "out").iterdir()) == ["a_seg.tif", "c_seg.png"]
         assert f"[retina] [2/3] {tmp / 'in' / 'b.tif'}: FAILED" in res.stdout
-        from custom.data import read_em
+        from custom.io import read_em
 
         assert read_em(tmp / "out" / "a_seg.tif").shape == (2, 64, 64)
     print(line)
@@ -784,7 +784,7 @@ def test_a_kill_while_saving_never_leaves_a_truncated_newest_checkpoint(tmp_path
 
     final = tmp_path / "state_dict"
     names = sorted(p.name for p in final.iterdir())
-    assert names[0] == "model.pt" and len(names) == 2 and names[1].startswith("model.pt.tmp"), names
+    assert names[1] == "model.pt" and len(names) == 2 and names[0].startswith(".tmp-"), names
     assert set(torch.load(final / "model.pt", weights_only=True)) == {"weight", "bias"}
 
 
@@ -798,7 +798,7 @@ def test_latest_checkpoint_ignores_partial_files(tmp_path):
     torch.save({"w": torch.zeros(3)}, tmp_path / "checkpoint_iteration=10.pt")
     data = (tmp_path / "checkpoint_iteration=10.pt").read_bytes()
     (tmp_path / "tmpa1b2c3").write_bytes(data[:100])  # Ignite's atomic temporary file
-    (tmp_path / "model.pt.tmp1234").write_bytes(data[:100])  # save_state_dict's
+    (tmp_path / ".tmp-1a2b3c4d-model.pt").write_bytes(data[:100])  # save_state_dict's (custom.utils.atomic_path)
     (tmp_path / "checkpoint_iteration=30.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "checkpoint_iteration=20.pt").write_bytes(b"")
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_iteration=10.pt")
@@ -840,7 +840,7 @@ def test_finetune_killed_mid_run_resumes_and_continues_its_mlflow_run(tmp_path):
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
     cmd = _bundle_cmd(FT, TRAIN, "--bundle_root", root, "--dataset_dir", ds, "--transfer", "none", "--iterations", 40,
-                      "--val_interval", 10, "--log_every", 1, "--tracking", "mlflow", "--tracking_uri", uri,
+                      "--val_interval", 10, "--log_interval", 1, "--tracking", "mlflow", "--tracking_uri", uri,
                       "--experiment_name", "reliability")
     resume_dir = root / "eval" / "checkpoints"
     log = tmp_path / "killed.log"
@@ -912,7 +912,7 @@ def test_check_config_specs():
 
 def test_one_line_error_finds_the_user_error_in_the_chain(tmp_path):
     from custom.checkpoints import CheckpointError
-    from custom.data import DatasetError
+    from custom.io import DatasetError
     from custom.errors import ConfigError, OutputError, describe, one_line_error
 
     def wrapped(err):
@@ -932,7 +932,7 @@ def test_one_line_error_finds_the_user_error_in_the_chain(tmp_path):
     assert one_line_error(wrapped(err), "b") == f"b: file error: {tmp_path / 'x.pt'}: No space left on device"
     # re-raised from a DataLoader worker: the message holds the worker's traceback
     worker = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                          '  File "x.py", line 1\ncustom.data.DatasetError: /d/b.png: empty file (0 bytes)\n')
+                          '  File "x.py", line 1\ncustom.io.DatasetError: /d/b.png: empty file (0 bytes)\n')
     assert one_line_error(worker, "b") == "b: dataset error: /d/b.png: empty file (0 bytes)"
     assert one_line_error(wrapped(KeyError("k")), "b") is None  # a bug, not a user error: traceback as usual
     assert describe(wrapped(DatasetError("/d/a.tif: bad"))) == "/d/a.tif: bad"
@@ -940,7 +940,7 @@ def test_one_line_error_finds_the_user_error_in_the_chain(tmp_path):
 
 
 def test_report_errors_prints_one_line_and_delegates_the_rest(capsys, monkeypatch):
-    from custom.data import DatasetError
+    from custom.io import DatasetError
     from custom.errors import report_errors
 
     import logging
@@ -994,7 +994,8 @@ def _report_errors_checks(report_errors, DatasetError, capsys, monkeypatch):
 
 
 def test_check_output_dirs_and_tracking_uri(tmp_path):
-    from custom.errors import OutputError, TrackingError, check_output_dirs, check_tracking_uri
+    from custom.errors import OutputError, TrackingError
+    from custom.preflight import check_output_dirs, check_tracking_uri
 
     assert check_output_dirs([tmp_path / "a" / "b", None, ""]) is True and (tmp_path / "a" / "b").is_dir()
     assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone

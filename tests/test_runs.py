@@ -19,7 +19,7 @@ EVALUATE = "['configs/train.json','configs/evaluate.json','configs/demo.json']"
 
 def _train(tmp, ds, *args):
     return _run(FT, TRAIN, "--bundle_root", tmp / "root", "--dataset_dir", ds, "--transfer", "none",
-                "--batch_size", 2, "--log_every", 1, *args)
+                "--batch_size", 2, "--log_interval", 1, *args)
 
 
 def test_iterations_are_honoured_exactly_when_shorter_than_val_interval(tmp_path):
@@ -85,7 +85,7 @@ def test_a_segmentation_checkpoint_is_refused_by_pretrain_inference(tmp_path):
 
     ckpt = _tiny_checkpoint(tmp_path / "seg.pt", head="segmentation", out_channels=1)  # same shapes as recon
     res = _run(PRE, INFER, "--bundle_root", tmp_path / "root", "--dataset_dir", _unlabelled(tmp_path / "ds", 1),
-               "--checkpoint", ckpt, "--output_dir", tmp_path / "out")
+               "--model_path", ckpt, "--output_dir", tmp_path / "out")
     assert_one_line(res, "retina_pretrain: checkpoint error: ", "fine-tuned segmentation checkpoint")
 
 
@@ -106,7 +106,7 @@ def test_a_misspelt_override_is_refused_with_the_nearest_names(tmp_path):
     res = _run(FT, EVALUATE, "--bundle_root", tmp_path / "root", "--dataset_dir", ds, "--validate#inferer#overlpa", 0.5)
     assert_one_line(res, "retina_finetune: config error: ", "--validate#inferer#overlpa", "--validate#inferer#overlap")
     res = _run(PRE, TRAIN, "--bundle_root", tmp_path / "root", "--num_iteration", 5)
-    assert_one_line(res, "retina_pretrain: config error: ", "did you mean --num_iterations")
+    assert_one_line(res, "retina_pretrain: config error: ", "did you mean --iterations")
 
 
 def test_evaluation_checks_its_settings_like_training(tmp_path):

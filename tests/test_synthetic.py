@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from custom import data as D
+from custom import io as D
 from custom import synthetic as S
 
 

@@ -1,0 +1,190 @@
+"""``custom/`` uses only the public APIs of MONAI, Ignite, PyTorch and MLflow.
+
+A private attribute (``obj._name``) of another library's object is not part of its API: it changes
+without notice (MONAI's ``CheckpointSaver._final_checkpoint``, Ignite's ``engine._event_handlers``
+and ``DiskSaver._atomic`` did). The check reads every module of ``custom/`` (its syntax tree, not
+its text, so strings and comments do not count) and allows ``_name`` only
+
+- on ``self``/``cls`` in a class of ours, unless the name belongs to a library base class (an
+  attribute of it, or one its source assigns as ``self._name``) whose documentation does not
+  offer it to subclasses (MONAI's ``RandomizableTransform`` documents its ``_do_transform`` flag), or
+- on an object of ours: a class, function or module of ``custom`` (our own private helpers).
+
+``getattr``/``hasattr``/``setattr`` with a ``"_name"`` string count as attribute access too.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CUSTOM = ROOT / "custom"
+PRIVATE = re.compile(r"^_[a-z]")
+LIBRARIES = ("monai", "ignite", "torch", "mlflow")
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in CUSTOM.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _module_name(path: Path) -> str:
+    """``custom/handlers/images.py`` -> ``custom.handlers.images`` (from the last ``custom`` folder up)."""
+    parts = path.with_suffix("").parts
+    parts = parts[len(parts) - 1 - parts[::-1].index("custom"):]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` of a name or attribute chain, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+def _ours(tree: ast.Module, module: str) -> set[str]:
+    """Names bound in ``module`` to objects of ``custom``: its own classes and functions, and imports from ``custom``."""
+    names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").split(".")[0] == "custom"):
+            names |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] == "custom"}
+    return names
+
+
+def _library_bases(module: str, class_name: str) -> list[type]:
+    cls = getattr(importlib.import_module(module), class_name, None)
+    if not inspect.isclass(cls):
+        return []
+    return [b for b in cls.__mro__[1:] if b.__module__.split(".")[0] in LIBRARIES]
+
+
+def _belongs_to(name: str, bases: list[type]) -> bool:
+    """True when ``name`` is an undocumented attribute of one of ``bases`` (library classes)."""
+    if any(f"`{name}`" in (inspect.getdoc(b) or "") for b in bases):  # offered to subclasses by the docs
+        return False
+    for base in bases:
+        if any(name in vars(b) for b in base.__mro__):
+            return True
+        try:
+            source = inspect.getsource(base)
+        except (OSError, TypeError):
+            continue
+        if re.search(rf"\bself\.{re.escape(name)}\b", source):
+            return True
+    return False
+
+
+class _Finder(ast.NodeVisitor):
+    def __init__(self, path: Path, tree: ast.Module) -> None:
+        self.path, self.module = path, _module_name(path)
+        self.ours = _ours(tree, self.module)
+        self.classes: list[ast.ClassDef] = []
+        self.found: list[str] = []
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.classes.append(node)
+        self.generic_visit(node)
+        self.classes.pop()
+
+    def _allowed(self, owner: ast.AST, name: str) -> bool:
+        dotted = _dotted(owner)
+        if dotted in ("self", "cls"):
+            if not self.classes:
+                return True
+            bases = _library_bases(self.module, self.classes[-1].name) if len(self.classes) == 1 else []
+            return not _belongs_to(name, bases)
+        return dotted is not None and (dotted.split(".")[0] in self.ours or dotted.startswith("custom."))
+
+    def _flag(self, node: ast.AST, what: str) -> None:
+        line = ast.get_source_segment(self.path.read_text(), node) or what
+        self.found.append(f"{self.module}:{node.lineno}: {line.splitlines()[0][:100]}")
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        if PRIVATE.match(node.attr) and not self._allowed(node.value, node.attr):
+            self._flag(node, node.attr)
+        self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        fn = _dotted(node.func)
+        if fn in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2:
+            name = node.args[1]
+            if isinstance(name, ast.Constant) and isinstance(name.value, str) and PRIVATE.match(name.value):
+                if not self._allowed(node.args[0], name.value):
+                    self._flag(node, name.value)
+        self.generic_visit(node)
+
+
+def private_accesses(paths: list[Path]) -> list[str]:
+    found: list[str] = []
+    for path in paths:
+        tree = ast.parse(path.read_text(), str(path))
+        finder = _Finder(path, tree)
+        finder.visit(tree)
+        found += finder.found
+    return found
+
+
+def test_custom_touches_no_private_attribute_of_monai_ignite_torch_or_mlflow():
+    found = private_accesses(_modules())
+    assert not found, "private attributes of library objects:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "code,flagged",
+    [
+        ("def f(engine):\n    return engine._event_handlers\n", True),
+        ("def f(h):\n    return getattr(h, '_atomic', None)\n", True),
+        ("from monai.handlers import CheckpointSaver\nclass S(CheckpointSaver):\n    def f(self):\n"
+         "        return self._final_checkpoint\n", True),  # MONAI's, through our subclass
+        ("from monai.handlers import CheckpointSaver\nclass S(CheckpointSaver):\n    def f(self):\n"
+         "        return self.final_checkpoint\n", False),
+        ("class Ours:\n    def f(self):\n        return self._rows\n", False),
+        ("from monai.transforms import RandomizableTransform\nclass T(RandomizableTransform):\n    def f(self):\n"
+         "        return self._do_transform\n", False),  # documented for subclasses
+        ("def _helper():\n    pass\n\nclass A:\n    @staticmethod\n    def g():\n        return A._x\n", False),
+        ("from custom.overlays import _literal\n", False),
+    ],
+)
+def test_the_check_tells_library_internals_from_our_own(tmp_path, code, flagged, monkeypatch):
+    pkg = tmp_path / "custom"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "probe_public_apis.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the probe's classes are imported as custom.probe_public_apis
+    for name in [m for m in list(sys.modules) if m == "custom" or m.startswith("custom.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert bool(private_accesses([pkg / "probe_public_apis.py"])) == flagged
+
+
+def test_one_error_base_class_whose_kind_names_the_report():
+    from custom import errors
+    from custom.checkpoints import CheckpointError
+    from custom.inference import InferenceError
+    from custom.io import DatasetError
+    from custom.networks import HeadMismatchError
+    from custom.overlays import OverlayError
+
+    kinds = {errors.ConfigError: "config", OverlayError: "config", errors.OutputError: "output",
+             errors.TrackingError: "tracking", DatasetError: "dataset", CheckpointError: "checkpoint",
+             HeadMismatchError: "checkpoint", InferenceError: "inference"}
+    for cls, kind in kinds.items():
+        assert issubclass(cls, errors.RetinaError) and cls.__module__ == "custom.errors", cls
+        assert errors.kind_of(cls("x: y")) == kind
+        try:
+            raise RuntimeError("Failed to evaluate") from cls("x: y")
+        except RuntimeError as e:
+            assert errors.one_line_error(e, "b") == f"b: {kind} error: x: y"
+    assert issubclass(InferenceError, RuntimeError)  # what it was before the common base
+    assert errors.kind_of(OSError(28, "No space left on device", "/out/a.tif")) == "file"
+    assert errors.kind_of(KeyError("k")) is None and errors.one_line_error(RuntimeError("a bug"), "b") is None

@@ -1,0 +1,61 @@
+"""Tests for custom/utils.py: the helpers every part of ``custom`` shares (atomic writes, file stems,
+natural order, plane names)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from custom.utils import atomic_path, file_stem, natural_key, plane_list, temp_name
+
+
+def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".tmp-") and tmp.name.endswith("-a.json")
+        tmp.write_text("one")
+        assert not target.exists()  # nothing under the real name until the block succeeds
+    assert target.read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "one" and os.listdir(target.parent) == ["a.json"]
+    with atomic_path(target) as tmp:  # replace=True (default) replaces
+        tmp.write_text("two")
+    assert target.read_text() == "two"
+
+
+def test_atomic_path_without_replace_never_replaces(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("mine")
+    with pytest.raises(FileExistsError) as e:
+        with atomic_path(target, replace=False) as tmp:
+            tmp.write_text("other")
+    assert e.value.filename == str(target) and target.read_text() == "mine"
+    late = tmp_path / "late.txt"
+    with pytest.raises(FileExistsError):  # appeared while the block was writing: still not replaced
+        with atomic_path(late, replace=False) as tmp:
+            tmp.write_text("new")
+            late.write_text("theirs")
+    assert late.read_text() == "theirs" and sorted(os.listdir(tmp_path)) == ["a.txt", "late.txt"]
+    assert temp_name(target, ".old").name.startswith(".old-")
+
+
+def test_file_stem():
+    assert file_stem("/d/vol.nii.gz") == "vol" and file_stem("VOL.NII.GZ") == "VOL"
+    assert file_stem("a/b/s12.png") == "s12" and file_stem("x.ome.tif") == "x"
+    assert file_stem("folder/") == "folder" and file_stem("noext") == "noext"
+
+
+def test_natural_key_orders_numbers_as_numbers():
+    assert sorted(["s10.png", "S2.png", "s1.png"], key=natural_key) == ["s1.png", "S2.png", "s10.png"]
+
+
+def test_plane_list():
+    assert plane_list("xy") == ["xy"] and plane_list("orthoplane") == ["xy", "xz", "yz"]
+    assert plane_list(("yz", "xy")) == ["yz", "xy"]
+    for bad in ("xx", [], ["xy", "zz"]):
+        with pytest.raises(ValueError, match="planes must be"):
+            plane_list(bad)
