@@ -35,11 +35,9 @@ the reported errors too.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Optional
 
 __all__ = [
     "RetinaError",
@@ -55,7 +53,6 @@ __all__ = [
     "report_errors",
     "one_line_error",
     "describe",
-    "check_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -219,82 +216,4 @@ def report_errors(bundle: str) -> bool:
     hook.retina_previous = previous  # type: ignore[attr-defined]
     sys.excepthook = hook
     _install_record_factory()
-    return True
-
-
-# --------------------------------------------------------------------------------------
-# settings
-# --------------------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-_SPECS = {
-    "int": (_is_int, "an integer"),
-    "int>0": (lambda v: _is_int(v) and v > 0, "an integer >= 1"),
-    "int>=0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "size": (lambda v: _is_int(v) and v > 0 and v % 16 == 0, "a positive multiple of 16"),
-    "number": (_is_number, "a number"),
-    "number>0": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "number>=0": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "fraction": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "overlap": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "bool": (lambda v: isinstance(v, bool), "True or False"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "numbers": (
-        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_number(x) for x in v),
-        "a list of numbers such as [1.0, 2.0]",
-    ),
-}
-
-
-def _check_one(value: Any, spec: Any) -> Optional[str]:
-    """None when ``value`` satisfies ``spec``, else what was expected."""
-    if isinstance(spec, (list, tuple, set)):  # choices
-        return None if value in spec else f"one of {', '.join(repr(c) for c in spec)}"
-    spec = str(spec)
-    optional = spec.endswith("?")
-    base = spec[:-1] if optional else spec
-    if optional and value is None:
-        return None
-    if base not in _SPECS:
-        raise ValueError(f"unknown check {spec!r} (known: {', '.join(sorted(_SPECS))}, a trailing '?' allows None)")
-    ok, expected = _SPECS[base]
-    if ok(value):
-        return None
-    return expected + (" or None" if optional else "")
-
-
-def check_config(checks: Mapping[str, Sequence]) -> bool:
-    """Check the types and ranges of settings; raise :class:`ConfigError` naming the first bad one.
-
-    ``python -m monai.bundle run ... --num_classes abc`` passes the string ``"abc"`` on; without
-    this check it fails much later with a ``TypeError`` deep in MONAI.
-
-    Args:
-        checks: ``{config id: [value, spec]}``; ``spec`` is one of ``"int"``, ``"int>0"``,
-            ``"int>=0"``, ``"size"`` (positive multiple of 16), ``"number"``, ``"number>0"``,
-            ``"number>=0"``, ``"fraction"`` ([0, 1]), ``"overlap"`` ([0, 1)), ``"bool"``,
-            ``"str"``, ``"numbers"`` (non-empty list), each optionally followed by ``?`` (None
-            allowed), or a list of allowed values. In a config:
-            ``"config_checks": {"num_classes": ["@num_classes", "int>0"]}`` and
-            ``"$custom.errors.check_config(@config_checks)"`` in ``initialize``.
-
-    Returns:
-        True.
-    """
-    for name, pair in checks.items():
-        value, spec = pair
-        expected = _check_one(value, spec)
-        if expected is not None:
-            base = None if isinstance(spec, (list, tuple, set)) else str(spec).rstrip("?")
-            if base == "bool":  # fire passes --flag false / yes / 1 on as a string or an int
-                fix = f"write --{name} True or --{name} False (capitalised: Python's literals)"
-            else:
-                fix = f"fix it in the config or on the command line (--{name} ...)"
-            raise ConfigError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__}); {fix}")
     return True

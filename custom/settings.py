@@ -55,6 +55,21 @@ def _hint(name: str, prop: Mapping[str, Any], value: Any) -> str:
     return ""
 
 
+def _validator(prop: Mapping[str, Any]):
+    """A draft 2020-12 validator whose integers exclude 1.0 and True, and whose numbers exclude NaN/inf
+    and True (JSON Schema's own types admit them; a setting never means them)."""
+    import math
+
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine_many({
+        "integer": lambda _, v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda _, v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    })
+    return jsonschema.validators.extend(base, type_checker=checker)(prop)
+
+
 def check_values(values: Mapping[str, Any], schema: Mapping[str, Any]) -> bool:
     """Raise :class:`~custom.errors.ConfigError` for the first value that does not fit its schema property.
 
@@ -62,20 +77,16 @@ def check_values(values: Mapping[str, Any], schema: Mapping[str, Any]) -> bool:
         values: setting name -> value (names the schema does not describe are not checked).
         schema: a JSON Schema object with ``properties``.
     """
-    import jsonschema
-
     props = schema.get("properties", {})
     for name, value in values.items():
         prop = props.get(name)
         if prop is None or _is_code(value):
             continue
-        try:
-            jsonschema.validate(value, prop)
-        except jsonschema.ValidationError:
+        if not _validator(prop).is_valid(value):
             raise ConfigError(
                 f"{name}: expected {prop.get('description', 'a valid value')}, got {value!r} ({type(value).__name__}); "
                 f"{_hint(name, prop, value)}fix it in the config or on the command line (--{name} ...)"
-            ) from None
+            )
     return True
 
 

@@ -61,7 +61,7 @@ def test_package_download_and_run_inference(tmp_path, http_dir):
     for required in ["retina_finetune/configs/metadata.json", "retina_finetune/configs/inference.json",
                      "retina_finetune/docs/README.md", "retina_finetune/LICENSE", "retina_finetune/models/model.pt",
                      "retina_finetune/large_files.yml", "retina_finetune/custom/networks/transunet.py",
-                     "retina_finetune/custom/io/formats.py", "retina_finetune/custom/inference.py"]:
+                     "retina_finetune/custom/io/formats.py", "retina_finetune/custom/inference/predictor.py"]:
         assert required in names, required
     assert not any("/mlruns" in n or "/demo_data/" in n or "/eval/" in n for n in names)
 

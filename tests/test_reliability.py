@@ -887,27 +887,28 @@ def test_finetune_killed_mid_run_resumes_and_continues_its_mlflow_run(tmp_path):
 # custom.errors, in-process
 
 
-def test_check_config_specs():
-    from custom.errors import ConfigError, check_config
+def test_settings_schema_specs():
+    """The settings checks (now the bundle's JSON Schema, custom.settings) keep the old specs' strictness."""
+    from custom.errors import ConfigError
+    from custom.settings import check_values, load_schema
 
-    good = {"a": [3, "int>0"], "b": [0, "int>=0"], "c": [224, "size"], "d": [0.5, "fraction"], "e": [None, "numbers?"],
-            "f": [[1, 2.5], "numbers"], "g": [True, "bool"], "h": ["xy", ["xy", "orthoplane"]], "i": [1e-3, "number>0"]}
-    assert check_config(good) is True
-    for value, spec, expected in [
-        ("abc", "int>0", "expected an integer >= 1, got 'abc' (str)"),
-        (True, "int", "expected an integer, got True (bool)"),
-        (100.0, "int>0", "expected an integer >= 1, got 100.0 (float)"),
-        (200, "size", "expected a positive multiple of 16, got 200"),
-        (1.5, "fraction", "expected a number in [0, 1], got 1.5"),
-        ("false", "bool", "expected True or False, got 'false' (str)"),
-        ("z", ["xy", "orthoplane"], "expected one of 'xy', 'orthoplane', got 'z'"),
-        (float("nan"), "number", "expected a number, got nan"),
-        ([], "numbers?", "expected a list of numbers such as [1.0, 2.0] or None, got []"),
+    schema = load_schema(str(FT / "configs"))
+    good = {"num_classes": 3, "num_workers": 0, "crop_size": 224, "cache_rate": 0.5, "class_weights": None,
+            "resume": True, "planes": "orthoplane", "learning_rate": 1e-3}
+    assert check_values(good, schema) is True
+    for name, value, expected in [
+        ("num_classes", "abc", "expected an integer >= 1, got 'abc' (str)"),
+        ("seed", True, "expected an integer, got True (bool)"),
+        ("num_classes", 100.0, "expected an integer >= 1, got 100.0 (float)"),
+        ("crop_size", 200, "expected a positive multiple of 16, got 200"),
+        ("cache_rate", 1.5, "expected a number in [0, 1], got 1.5"),
+        ("resume", "false", "expected True or False, got 'false' (str)"),
+        ("planes", "z", "expected one of 'xy', 'xz', 'yz', 'orthoplane', got 'z'"),
+        ("learning_rate", float("nan"), "expected a number > 0, got nan"),
+        ("class_weights", [], "expected a list of numbers such as [1.0, 2.0] or None, got []"),
     ]:
-        with pytest.raises(ConfigError, match=re.escape(f"x: {expected}")):
-            check_config({"x": [value, spec]})
-    with pytest.raises(ValueError, match="unknown check"):
-        check_config({"x": [1, "integer"]})
+        with pytest.raises(ConfigError, match=re.escape(f"{name}: {expected}")):
+            check_values({name: value}, schema)
 
 
 def test_one_line_error_finds_the_user_error_in_the_chain(tmp_path):

@@ -14,7 +14,7 @@ from .checkpointing import AtomicCheckpointSaver, AtomicDiskSaver, ValidationSta
 from .evaluation import SegmentationMetricsSaver
 from .images import PredictionOverlays, ReconstructionWriter, SampleTripletSaver, overlay_image
 from .resume import latest_checkpoint, prune_checkpoints, resume_checkpoint
-from .tracking import MLflowExtras, MLflowRun, connect_tracking, local_tracking_uri
+from .tracking import close_tracking, MLflowExtras, MLflowRun, connect_tracking, local_tracking_uri
 
 __all__ = [
     "AtomicDiskSaver",
@@ -26,6 +26,7 @@ __all__ = [
     "local_tracking_uri",
     "MLflowRun",
     "connect_tracking",
+    "close_tracking",
     "MLflowExtras",
     "SampleTripletSaver",
     "PredictionOverlays",

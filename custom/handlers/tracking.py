@@ -115,6 +115,18 @@ def connect_tracking(*handler_lists: Optional[Sequence[Any]]) -> bool:
     return tracked
 
 
+def close_tracking(*handler_lists: Optional[Sequence[Any]]) -> int:
+    """End the MLflow runs of the ``MLFlowHandler`` s in these handler lists (an evaluator's run is not ended by
+    its engine completing, as a trainer's is); returns how many were closed."""
+    closed = 0
+    for handlers in handler_lists:
+        for h in handlers or []:
+            if isinstance(h, MLFlowHandler):
+                h.close()
+                closed += 1
+    return closed
+
+
 def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dicts flattened with ``.`` (``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``), values as strings of
     at most 500 characters (MLflow's limit)."""
