@@ -644,6 +644,7 @@ def test_pretrain_transforms_pad_an_image_smaller_than_the_crop(tmp_path):
     _png(tmp_path / "small.png", em_image((40, 40), seed=1))
     parser = ConfigParser()
     parser.read_config([str(PRE / "configs" / "train.json"), str(PRE / "configs" / "demo.json")])
+    parser["bundle_root"] = str(tmp_path / "root")  # the intensity record reads the (demo) data: keep it under tmp
     for p in ("train", "validate"):
         out = parser.get_parsed_content(f"{p}#preprocessing")({"image": str(tmp_path / "small.png"), "plane": "xy", "index": -1})
         assert out["image"].shape == out["label"].shape == (1, 64, 64)
