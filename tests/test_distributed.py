@@ -231,4 +231,4 @@ def test_finetune_two_node_rendezvous_as_slurm_runs_it(tmp_path, pretrained):
     done = sorted(line for log in logs for line in log.splitlines() if "[retina] rank" in line)
     assert done == [f"[retina] rank {r} of 2: 10 iterations, 12 of 24 training slices per epoch of the DistributedSampler"
                     for r in (0, 1)], done
-    assert _files(tmp_path / "bundle" / "models") == ["model.pt", "model_final.pt"]
+    assert _files(tmp_path / "bundle" / "models") == ["intensity.json", "model.pt", "model_final.pt"]
