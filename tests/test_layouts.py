@@ -37,19 +37,13 @@ import torch
 from custom import io as D
 from custom.io import DatasetError
 from custom.synthetic import em_volume
-from test_reliability import (
-    FT,
-    PRE,
-    TRAIN,
-    _bundle_cmd,
-    _env,
-    _labelled,
-    _tail,
-    _tiny_checkpoint,
-    _wait_for,
-    assert_one_line,
-    run_forked,
-)
+from tests.helpers import FT, PRE, TRAIN, assert_one_line, run_forked
+from tests.helpers import bundle_cmd as _bundle_cmd
+from tests.helpers import bundle_env as _env
+from tests.helpers import tail as _tail
+from tests.helpers import wait_for as _wait_for
+from tests.helpers import write_labelled as _labelled
+from tests.helpers import write_tiny_checkpoint as _tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(1)

@@ -30,7 +30,9 @@ import pytest
 
 from custom.io import DatasetError, find_em_files, read_em, write_em
 from custom.synthetic import em_image, em_volume
-from test_reliability import FT, INFER, PRE, _tail, _tiny_checkpoint, assert_one_line, run_forked
+from tests.helpers import FT, INFER, PRE, assert_one_line, run_forked
+from tests.helpers import tail as _tail
+from tests.helpers import write_tiny_checkpoint as _tiny_checkpoint
 
 # ------------------------------------------------------------------------------------------
 # helpers

@@ -12,7 +12,11 @@ import sys
 import torch
 
 from custom.runs import LOCK_NAME, RunSettings
-from test_reliability import FT, INFER, PRE, TRAIN, _labelled, _run, _tail, _tiny_checkpoint, assert_one_line
+from tests.helpers import FT, INFER, PRE, TRAIN, assert_one_line
+from tests.helpers import run_bundle as _run
+from tests.helpers import tail as _tail
+from tests.helpers import write_labelled as _labelled
+from tests.helpers import write_tiny_checkpoint as _tiny_checkpoint
 
 EVALUATE = "['configs/train.json','configs/evaluate.json','configs/demo.json']"
 
