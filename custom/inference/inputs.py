@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 from ..errors import ConfigError, describe
 from ..io import FORMATS, DatasetError, em_format, em_shape, find_em_files
-from ..utils import progress
+from ..utils import progress, short_list
 
 __all__ = ["slice_stack", "list_inputs"]
 
@@ -17,11 +17,6 @@ logger = logging.getLogger(__name__)
 
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")
-
-
-def _short(names: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def slice_stack(folder: Union[str, os.PathLike]) -> Tuple[bool, str]:
@@ -43,13 +38,13 @@ def slice_stack(folder: Union[str, os.PathLike]) -> Tuple[bool, str]:
         return False, f"cannot list it ({exc.strerror or exc})"
     subdirs = [n for n in names if os.path.isdir(os.path.join(folder, n))]
     if subdirs:
-        return False, f"it has sub-folders ({_short(subdirs)})"
+        return False, f"it has sub-folders ({short_list(subdirs)})"
     files = [n for n in names if em_format(os.path.join(folder, n)) is not None]
     if len(files) < 2:
         return False, f"it holds {len(files)} image file(s)"
     other = [n for n in files if not FORMATS[em_format(os.path.join(folder, n))].slice_file]
     if other:
-        return False, f"it holds 3D formats ({_short(other)})"
+        return False, f"it holds 3D formats ({short_list(other)})"
     patterns: Dict[tuple, List[str]] = {}
     numbers: Dict[tuple, str] = {}
     for n in files:
@@ -103,7 +98,7 @@ def list_inputs(path: Union[str, os.PathLike], slices_as_volume: Union[bool, str
             "write --slices_as_volume True, False or auto"
         )
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) or em_format(path) != "dir":  # a file, or a store folder (.zarr)
         return find_em_files(path)
     if slices_as_volume is True:
         _say(f"{path}: read as one volume of 2D slices (slices_as_volume True)")

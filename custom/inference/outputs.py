@@ -9,15 +9,15 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, OutputError
 from ..io import FORMATS, em_format, slice_folder_problem
-from ..utils import file_stem
-from .inputs import _short
+from ..io.writer import store_problem
+from ..utils import file_stem, short_list
 
 __all__ = ["OUTPUT_EXTS", "input_subfolder", "output_path", "check_outputs", "plan_outputs"]
 
 logger = logging.getLogger(__name__)
 
 
-OUTPUT_EXTS = ("", ".tif", ".tiff", ".png", ".h5", ".hdf5", ".nii", ".nii.gz", ".nrrd", ".mrc", ".mha")
+OUTPUT_EXTS = ("", ".tif", ".tiff", ".png", ".h5", ".hdf5", ".nii", ".nii.gz", ".nrrd", ".mrc", ".mha", ".zarr", ".ome.zarr")
 
 
 def input_subfolder(input_path: str, root: Optional[str]) -> str:
@@ -45,6 +45,8 @@ def output_path(
     fmt = em_format(input_path)
     name = os.path.basename(os.fspath(input_path).rstrip("/\\"))
     stem = file_stem(name) if fmt not in (None, "dir") else name
+    if name.lower().endswith(".ome.zarr"):  # file_stem keeps ".ome" of a two-part suffix it does not know
+        stem = name[: -len(".ome.zarr")]
     ext = output_ext if output_ext else (FORMATS[fmt].out_ext if fmt else ".tif")
     if ext and not ext.startswith("."):
         ext = "." + ext
@@ -54,7 +56,7 @@ def output_path(
 
 def _probability_path(label_path: str, k: Optional[int]) -> str:
     base = label_path
-    for ext in (".nii.gz", ".tiff", ".tif", ".png", ".hdf5", ".h5", ".nii", ".nrrd", ".mrc", ".mha"):
+    for ext in (".nii.gz", ".ome.zarr", ".zarr", ".tiff", ".tif", ".png", ".hdf5", ".h5", ".nii", ".nrrd", ".mrc", ".mha"):
         if base.lower().endswith(ext):
             base, keep = base[: -len(ext)], ext
             break
@@ -147,7 +149,7 @@ def check_outputs(
     # 3. existing files
     existing = [out for _, out, _ in outputs if os.path.lexists(out)]
     if existing and not overwrite:
-        more = f" (and {len(existing) - 1} more: {_short(existing[1:])})" if len(existing) > 1 else ""
+        more = f" (and {len(existing) - 1} more: {short_list(existing[1:])})" if len(existing) > 1 else ""
         raise OutputError(
             f"{existing[0]}: output already exists{more}; not replaced: pass --overwrite True to replace "
             f"{'them' if len(existing) > 1 else 'it'}, or {choose}"
@@ -161,6 +163,10 @@ def check_outputs(
             problem = slice_folder_problem(out)
             if problem is not None:
                 raise OutputError(f"{out}: exists and {problem}; not replaced even with --overwrite True")
+        elif em_format(out) not in (None, "dir") and FORMATS[em_format(out)].store:
+            problem = store_problem(out)
+            if problem is not None:
+                raise OutputError(f"{out}: {problem}; not replaced even with --overwrite True")
         elif os.path.isdir(out):
             raise OutputError(f"{out}: exists and is a folder; not replaced by a file even with --overwrite True")
 

@@ -13,7 +13,17 @@ from monai.inferers import Inferer
 
 from ..errors import ConfigError, InferenceError, describe
 from ..handlers.tracking import MLflowRun, connect_tracking
-from ..io import write_em
+from ..io import em_format, write_em
+from ..io.formats import open_volume
+from ..io.sinks import open_sink
+from .blockwise import (
+    DoneMarks,
+    block_grid,
+    predict_block,
+    quiet,
+    run_blocks,
+    stream_settings,
+)
 from .outputs import plan_outputs
 
 __all__ = ["VolumePredictor"]
@@ -53,6 +63,17 @@ class VolumePredictor:
         num_classes: output channels of the network (how many probability files to plan).
         handlers: Ignite handlers to attach (``val_handlers``: the same, the name MONAI's
             ``--tracking`` option uses when a config has no handler list).
+        streaming: ``True``: read every 3D input block by block and write each block as it is done
+            (:mod:`custom.inference.blockwise`; peak memory flat in the number of sections); ``False``:
+            whole volumes in memory; ``"auto"``: streaming for inputs read lazily (zarr, HDF5, TIFF) that
+            are zarr stores or hold at least ``stream_voxels`` voxels.
+        block_preprocessing: the pre-processing after loading (a dict transform on ``{"image": (1, z, y, x)}``;
+            required for streaming).
+        block_shape, block_halo: streaming blocks (None: a whole axis) and the halo read around each.
+        probability_dtype: dtype of streamed probability outputs (float32, float16, uint8 scaled 0-255).
+        resume: zarr outputs of a killed streaming run are continued (finished blocks are kept).
+        input_key: the HDF5 dataset / zarr array of the inputs when streaming (``h5_image_key``).
+        progress: a progress bar over the blocks when streaming.
     """
 
     def __init__(
@@ -74,7 +95,18 @@ class VolumePredictor:
         num_classes: Optional[int] = None,
         handlers: Optional[Sequence] = None,
         val_handlers: Optional[Sequence] = None,
+        streaming: Union[bool, str] = False,
+        block_preprocessing: Optional[Callable] = None,
+        block_shape: Optional[Sequence[Optional[int]]] = None,
+        block_halo: Any = 0,
+        probability_dtype: Any = "float32",
+        stream_voxels: int = 2**26,
+        resume: bool = True,
+        input_key: Optional[str] = None,
+        progress: bool = True,
     ) -> None:
+        if streaming not in (True, False, "auto"):
+            raise ConfigError(f"streaming: expected True, False or 'auto', got {streaming!r}")
         for name, flag in (("save_probabilities", save_probabilities), ("overwrite", overwrite)):
             if not isinstance(flag, bool):
                 raise ConfigError(f"{name}: expected True or False, got {flag!r}; write --{name} True or --{name} False")
@@ -101,6 +133,11 @@ class VolumePredictor:
         self.written: List[str] = []
         self.failed: List[tuple] = []
         self._rows: List[Tuple[str, str, str]] = []
+        self.streaming, self.block_preprocessing = streaming, block_preprocessing
+        self.block_shape, self.block_halo = stream_settings(block_shape, block_halo)
+        self.probability_dtype, self.stream_voxels = np.dtype(probability_dtype), int(stream_voxels)
+        self.resume, self.input_key, self.show_progress = bool(resume), input_key, bool(progress)
+        self.stats: Dict[str, dict] = {}
 
     @property
     def tracking(self) -> bool:
@@ -126,10 +163,57 @@ class VolumePredictor:
             )
         return self.outputs
 
+    def streams(self, src: str) -> bool:
+        """Whether ``src`` is segmented block by block (see ``streaming``)."""
+        if self.streaming is False or self.block_preprocessing is None:
+            return False
+        with open_volume(src, self.input_key) as vol:
+            if vol.ndim != 3:
+                return False
+            if self.streaming is True:
+                return True
+            return vol.lazy and (em_format(src) == "zarr" or int(np.prod(vol.shape)) >= self.stream_voxels)
+
+    def predict_streaming(self, src: str, paths: List[str]) -> List[str]:
+        """Segment ``src`` block by block into sinks for ``paths`` (labels, then probabilities)."""
+        with open_volume(src, self.input_key) as vol:
+            blocks = block_grid(vol.shape, self.block_shape, self.block_halo)
+            chunks = tuple(c.stop - c.start for c in blocks[0].core)
+            voxel = dict(spacing=vol.spacing, units=vol.units)
+            sinks = []
+            try:
+                for k, path in enumerate(paths):
+                    attrs = vol.attrs if em_format(path) == vol.fmt == "hdf5" else None
+                    dtype = self.output_dtype if k == 0 else self.probability_dtype
+                    sinks.append(open_sink(path, vol.shape, dtype, self.overwrite, reference=src, chunks=chunks,
+                                           attrs=attrs, resume=self.resume, **voxel))
+                marks = None
+                if sinks[0].resumable:
+                    run = {"input": os.path.abspath(src), "shape": vol.shape, "blocks": [self.block_shape, self.block_halo],
+                           "outputs": [os.path.abspath(p) for p in paths]}
+                    marks = DoneMarks(sinks[0].tmp, run)
+                inferer = quiet(self.inferer)
+
+                def compute(block):
+                    return predict_block(vol, block, self.network, inferer, self.block_preprocessing,
+                                         self.postprocessing, self.device)
+
+                self.stats[src] = run_blocks(blocks, compute, sinks, self.probability_dtype, marks,
+                                             desc=os.path.basename(src.rstrip("/")), show_progress=self.show_progress)
+            except BaseException:
+                for sink in sinks:
+                    sink.abort()
+                raise
+        if marks is not None:
+            marks.clear()
+        return [sink.commit() for sink in sinks]
+
     def predict(self, i: int) -> List[str]:
         """Process item ``i``; returns the written paths (raises on any problem)."""
         src = self._source(i)
         paths = self.plan()[src]
+        if self.streams(src):
+            return self.predict_streaming(src, paths)
         data = self.dataset[i]
         image = torch.as_tensor(data[self.image_key])
         with torch.no_grad():

@@ -33,7 +33,8 @@ def find_em_files(root: PathLike) -> list[str]:
 
     Returns:
         paths (str) of 2D images (tif/tiff/png/jpg/jpeg) and 3D stacks (multi-page tif,
-        h5/hdf5, nii/nii.gz, nrrd, mrc, mha/mhd/gipl). Only names are looked at: nothing is opened.
+        h5/hdf5, nii/nii.gz, nrrd, mrc, mha/mhd/gipl) and zarr stores (folders named ``*.zarr``, not
+        searched inside). Only names are looked at: nothing is opened.
 
     Raises:
         DatasetError: ``root`` is missing, or holds no file of a supported format.
@@ -41,7 +42,7 @@ def find_em_files(root: PathLike) -> list[str]:
     root = os.fspath(root)
     if not root or not os.path.exists(root):
         raise dataset_error(root, "no such file or folder")
-    if os.path.isfile(root):
+    if os.path.isfile(root) or em_format(root) not in (None, "dir"):  # a file, or a store folder (.zarr)
         if em_format(root) is None:
             raise dataset_error(root, f"unsupported file type (supported: {supported()})")
         return [root]
@@ -54,6 +55,9 @@ def find_em_files(root: PathLike) -> list[str]:
             continue
         visited.add(real)
         dirnames[:] = sorted((d for d in dirnames if not is_hidden(d)), key=natural_key)
+        stores = [d for d in dirnames if name_format(d) is not None]  # zarr stores are volumes, not folders
+        found.extend(os.path.join(dirpath, d) for d in stores)
+        dirnames[:] = [d for d in dirnames if d not in stores]
         found.extend(
             os.path.join(dirpath, name) for name in filenames if not is_hidden(name) and name_format(name) is not None
         )

@@ -40,10 +40,11 @@ import torch
 from monai.utils import convert_to_numpy
 
 from ..utils import natural_key
-from . import images, metaimage, volumes
+from . import images, metaimage, volumes, zarrs
 from .errors import DatasetError, PathLike, dataset_error, exc_text
+from .lazy import Volume, kept_axes
 
-__all__ = ["FORMATS", "Format", "em_format", "em_shape", "read_em", "to_unit_range"]
+__all__ = ["FORMATS", "Format", "em_format", "em_shape", "open_volume", "read_em", "to_unit_range", "voxel_of"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class Format:
         out_ext: the suffix of outputs written in this format (inference keeps an input's format).
         always_2d: its files are 2D images (no header needed to know it).
         slice_file: may be a slice of a folder volume.
+        open: ``(path, key, role) -> Volume`` (:class:`custom.io.lazy.Volume`) reading pixels only when
+            sliced, with the voxel size the file records; None: :func:`open_volume` reads the whole array.
+        store: its files are folders (zarr), written through a temporary folder.
+        voxel: ``write`` takes ``spacing``, ``units`` and ``attrs`` keywords (the voxel size it records).
     """
 
     name: str
@@ -79,6 +84,9 @@ class Format:
     out_ext: str = ""
     always_2d: bool = False
     slice_file: bool = False
+    open: Optional[Callable[..., Volume]] = None
+    store: bool = False
+    voxel: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -139,13 +147,16 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("tiff", "TIFF", (".tif", ".tiff"), images.read_tiff, images.tiff_shape, images.tiff_slice,
-               images.write_tiff, out_ext=".tif", slice_file=True),
+               images.write_tiff, out_ext=".tif", slice_file=True, open=images.open_tiff, voxel=True),
         Format("pil", "image", (".png", ".jpg", ".jpeg"), images.read_pil, images.pil_shape, None, images.write_png,
                out_ext=".png", always_2d=True, slice_file=True),
         Format("hdf5", "HDF5", (".h5", ".hdf5"), volumes.read_h5, volumes.h5_shape, volumes.h5_slice, volumes.write_h5,
-               update=volumes.update_h5, out_ext=".h5"),
+               update=volumes.update_h5, out_ext=".h5", open=volumes.open_h5, voxel=True),
         Format("nifti", "NIfTI", (".nii", ".nii.gz"), volumes.read_nifti, volumes.nifti_shape, volumes.nifti_slice,
-               volumes.write_nifti, meta=volumes.nifti_meta, out_ext=".nii.gz"),
+               volumes.write_nifti, meta=volumes.nifti_meta, out_ext=".nii.gz", open=volumes.open_nifti,
+               voxel=True),
+        Format("zarr", "zarr", (".zarr", ".n5"), zarrs.read_zarr, zarrs.zarr_shape, zarrs.zarr_slice, zarrs.write_zarr,
+               out_ext=".ome.zarr", open=zarrs.open_zarr, store=True, voxel=True),
         Format("nrrd", "NRRD", (".nrrd",), volumes.read_nrrd, volumes.nrrd_shape, None, volumes.write_nrrd,
                out_ext=".nrrd"),
         Format("mrc", "MRC", (".mrc", ".mrcs", ".rec"), volumes.read_mrc, volumes.mrc_shape, volumes.mrc_slice,
@@ -175,12 +186,13 @@ def is_slice_file(name: str) -> bool:
 
 def em_format(path: PathLike) -> str | None:
     """Format name of ``path`` from its suffix (a key of :data:`FORMATS`: ``"tiff"``, ``"pil"``
-    (png/jpg), ``"hdf5"``, ``"nifti"``, ``"nrrd"``, ``"mrc"``, ``"itk"`` (mha/mhd/gipl)), ``"dir"``
-    for an existing folder, else ``None``."""
+    (png/jpg), ``"hdf5"``, ``"nifti"``, ``"nrrd"``, ``"mrc"``, ``"itk"`` (mha/mhd/gipl), ``"zarr"``
+    (a ``.zarr`` store folder, OME-Zarr included)), ``"dir"`` for any other existing folder, else ``None``."""
     path = os.fspath(path)
+    fmt = name_format(os.path.basename(path.rstrip("/\\")))
     if os.path.isdir(path):
-        return "dir"
-    return name_format(os.path.basename(path))
+        return fmt if fmt is not None and FORMATS[fmt].store else "dir"
+    return fmt
 
 
 def supported() -> str:
@@ -215,12 +227,7 @@ def squeeze_extra(shape: Sequence[int]) -> tuple[int, ...]:
     first ones first: ``(1, Z, Y, X) -> (Z, Y, X)``, ``(Z, 1, Y, X) -> (Z, Y, X)``. Three axes with a
     leading 1 stay: ``(1, Y, X)`` is a one-slice volume.
     """
-    shape = list(shape)
-    while len(shape) > 2 and shape[-1] == 1:
-        shape.pop()
-    while len(shape) > 3 and 1 in shape:
-        del shape[shape.index(1)]
-    return tuple(shape)
+    return tuple(shape[i] for i in kept_axes(shape))
 
 
 def _check_ndim(path: PathLike, shape: Sequence[int]) -> None:
@@ -293,6 +300,47 @@ def em_shape(path: PathLike, key: str | None = None, role: str = "image") -> tup
         shape = squeeze_extra(format_of(path).shape(path, key, role))
     _check_ndim(path, shape)
     return tuple(int(s) for s in shape)
+
+
+def open_volume(path: PathLike, key: str | None = None, role: str = "image") -> Volume:
+    """Open an image or volume without reading its pixels where the format allows it.
+
+    zarr / OME-Zarr, HDF5 and TIFF (memory-mapped when uncompressed and contiguous, else through
+    tifffile's zarr view) are read only where sliced; other formats are read whole (``lazy`` False).
+    Voxel size: NGFF multiscales scale and units, HDF5 ``element_size_um`` / ``resolution``, ImageJ
+    ``spacing`` and TIFF resolution tags, NIfTI zooms. Use it as a context manager (HDF5 and TIFF
+    keep a file handle).
+
+    Raises:
+        DatasetError: as :func:`read_em`.
+    """
+    path = os.fspath(path)
+    fmt = format_of(path)
+    with wrap_errors(path):
+        vol = fmt.open(path, key, role) if fmt.open is not None else None
+        if vol is None:
+            vol = Volume(path, read_em(path, key, role), lazy=False, fmt=fmt.name)
+    try:
+        _check_ndim(path, vol.shape)
+    except DatasetError:
+        vol.close()
+        raise
+    vol.fmt = fmt.name
+    return vol
+
+
+def voxel_of(path: PathLike, key: str | None = None, role: str = "image") -> dict:
+    """``{"spacing", "units", "attrs", "format"}`` of a file whose format opens lazily (headers only); ``{}``
+    for the others, or when the file cannot be opened (a writer then records no voxel size)."""
+    path = os.fspath(path)
+    fmt = FORMATS.get(em_format(path) or "")
+    if fmt is None or fmt.open is None:
+        return {}
+    try:
+        with open_volume(path, key, role) as vol:
+            return {"spacing": vol.spacing, "units": vol.units, "attrs": dict(vol.attrs), "format": fmt.name}
+    except DatasetError:
+        return {}
 
 
 def to_unit_range(arr: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PathLike, dataset_error, warn_once
+from .lazy import Volume, ngff_unit
 
 
 def rgb_to_gray(arr: np.ndarray, axis: int, path: PathLike) -> np.ndarray:
@@ -112,12 +113,86 @@ def tiff_slice(path: str, key: str | None, role: str, plane: str, index: int, sh
             return None
 
 
-def write_tiff(tmp: Path, arr: np.ndarray, *, dest: str, reference=None, key=None, compression=None) -> None:
-    """One grayscale page per z slice (``compression`` e.g. ``"zlib"``)."""
+#: TIFF ResolutionUnit -> micrometers per unit (2: inch, 3: centimeter)
+_RES_UNIT_UM = {2: 25400.0, 3: 10000.0}
+
+
+def tiff_spacing(tif, ndim: int) -> tuple[tuple | None, tuple | None]:
+    """(spacing, units) of a TIFF: x/y from the resolution tags (pixels per unit), z from ImageJ's
+    ``spacing`` (1 when absent, as ImageJ assumes), the unit from ImageJ's ``unit`` or ResolutionUnit."""
+    page = tif.pages[0]
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None, None
+    ppu = []
+    for name in ("YResolution", "XResolution"):
+        num, den = tags[name].value
+        ppu.append(num / den if den else 0.0)
+    if min(ppu) <= 0:
+        return None, None
+    ij = tif.imagej_metadata or {}
+    res_unit = int(getattr(tags.get("ResolutionUnit"), "value", 1) or 1)
+    unit = ngff_unit(ij.get("unit")) if ij.get("unit") else None
+    yx = [1.0 / v for v in ppu]
+    if unit is None and res_unit in _RES_UNIT_UM:
+        yx, unit = [s * _RES_UNIT_UM[res_unit] for s in yx], "micrometer"
+    if ndim == 2:
+        return tuple(yx), (unit, unit)
+    return (float(ij.get("spacing", 1.0)), *yx), (unit, unit, unit)
+
+
+def open_tiff(path: str, key: str | None = None, role: str = "image") -> Volume | None:
+    """A TIFF stack without reading it: ``tifffile.memmap`` when uncompressed and contiguous, else
+    tifffile's zarr view (page by page). None for colour images (read whole and converted to gray)."""
+    import tifffile
+    import zarr
+
+    tif = tifffile.TiffFile(path)
+    try:
+        series = tif.series[0]
+        if _tiff_samples_axis(series) is not None:
+            tif.close()
+            return None
+        spacing, units = tiff_spacing(tif, len(series.shape) - sum(1 for s in series.shape if s == 1))
+        try:
+            arr = tifffile.memmap(path, mode="r")
+        except ValueError:  # compressed or not contiguous: decode the pages asked for
+            arr = zarr.open(series.aszarr(), mode="r")
+    except BaseException:
+        tif.close()
+        raise
+    return Volume(path, arr, spacing=spacing, units=units, fmt="tiff", closer=tif.close)
+
+
+#: dtypes ImageJ reads (its hyperstack metadata is written only for these)
+IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
+
+
+def tiff_voxel_args(dtype, ndim: int, spacing=None, units=None) -> dict:
+    """tifffile ``write`` arguments recording a voxel size: resolution tags (pixels per unit) and, for
+    ImageJ's dtypes, ImageJ ``spacing`` and ``unit``; nothing when ``spacing`` is None."""
+    if spacing is None or len(spacing) != ndim:
+        return {}
+    from .lazy import short_unit
+
+    out: dict = {"resolution": (1.0 / float(spacing[-1]), 1.0 / float(spacing[-2]))}
+    if np.dtype(dtype) in [np.dtype(d) for d in IMAGEJ_DTYPES]:
+        meta = {"unit": short_unit((units or [None])[-1]), "axes": "ZYX" if ndim == 3 else "YX"}
+        if ndim == 3:
+            meta["spacing"] = float(spacing[0])
+        out.update(imagej=True, metadata=meta)
+    return out
+
+
+def write_tiff(tmp: Path, arr: np.ndarray, *, dest: str, reference=None, key=None, compression=None,
+               spacing=None, units=None, attrs=None) -> None:
+    """One grayscale page per z slice (``compression`` e.g. ``"zlib"``); the voxel size as resolution
+    tags and ImageJ metadata (:func:`tiff_voxel_args`)."""
     import tifffile
 
     data = arr.astype(np.uint8) if arr.dtype == bool else arr
-    tifffile.imwrite(tmp, data, photometric="minisblack", compression=compression)
+    tifffile.imwrite(tmp, data, photometric="minisblack", compression=compression,
+                     **tiff_voxel_args(data.dtype, data.ndim, spacing, units))
 
 
 # --------------------------------------------------------------------------------------

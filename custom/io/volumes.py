@@ -20,6 +20,7 @@ import numpy as np
 
 from ..utils import PLANE_AXIS
 from .errors import DatasetError, dataset_error, short_list
+from .lazy import Volume, ngff_unit
 
 IMAGE_H5_KEYS = ("raw", "volumes/raw", "data", "image", "images", "em")
 LABEL_H5_KEYS = ("label", "labels", "volumes/labels", "seg", "segmentation", "mask")
@@ -78,6 +79,31 @@ def read_h5(path: str, key: str | None = None, role: str = "image", index: tuple
         return ds[()] if index is None else ds[index]
 
 
+def h5_spacing(attrs) -> tuple[tuple | None, tuple | None]:
+    """(spacing, units) from HDF5 attributes: ``element_size_um`` (ilastik, Fiji; micrometers) or
+    ``resolution`` (CREMI; nanometers), one value per axis."""
+    for name, unit in (("element_size_um", "micrometer"), ("resolution", "nanometer")):
+        if name in attrs:
+            values = np.atleast_1d(np.asarray(attrs[name], dtype=np.float64))
+            return tuple(float(v) for v in values), (unit,) * len(values)
+    return None, None
+
+
+def open_h5(path: str, key: str | None = None, role: str = "image") -> Volume:
+    """The dataset, read where sliced; its attributes (copied by writers) and voxel size."""
+    import h5py
+
+    f = h5py.File(path, "r")
+    try:
+        ds = _h5_dataset(f, path, key, role)
+        attrs = dict(ds.attrs)
+        spacing, units = h5_spacing(attrs)
+    except BaseException:
+        f.close()
+        raise
+    return Volume(path, ds, spacing=spacing, units=units, attrs=attrs, fmt="hdf5", closer=f.close)
+
+
 def h5_shape(path: str, key: str | None = None, role: str = "image") -> tuple[int, ...]:
     import h5py
 
@@ -97,19 +123,39 @@ def h5_slice(path: str, key: str | None, role: str, plane: str, index: int, shap
     return raw if raw.ndim == 2 else None
 
 
-def _h5_put(f, arr: np.ndarray, key: str) -> None:
+def h5_chunks(shape: tuple, itemsize: int) -> tuple | bool:
+    """One section per chunk when a section is at most 4 MiB, else h5py's choice."""
+    return (1, *shape[1:]) if len(shape) == 3 and int(np.prod(shape[1:])) * itemsize <= 2**22 else True
+
+
+def h5_attrs(ds, spacing=None, units=None, attrs=None) -> None:
+    """Copy ``attrs`` (an HDF5 input's dataset attributes) onto ``ds``; add ``element_size_um`` from
+    ``spacing`` when they hold no voxel size."""
+    from .lazy import to_unit
+
+    for k, v in (attrs or {}).items():
+        ds.attrs[k] = v
+    if spacing is not None and "element_size_um" not in ds.attrs and "resolution" not in ds.attrs:
+        um = to_unit(spacing, units or (None,) * len(spacing), "micrometer")
+        if um is not None:
+            ds.attrs["element_size_um"] = np.asarray(um, dtype=np.float64)
+
+
+def _h5_put(f, arr: np.ndarray, key: str, **voxel) -> None:
     if key in f:
         del f[key]
-    chunks = (1, *arr.shape[1:]) if arr.ndim == 3 and arr[0].nbytes <= 2**22 else True
-    f.create_dataset(key, data=arr, compression="gzip", compression_opts=4, chunks=chunks)
+    ds = f.create_dataset(key, data=arr, compression="gzip", compression_opts=4,
+                          chunks=h5_chunks(arr.shape, arr.dtype.itemsize))
+    h5_attrs(ds, **voxel)
 
 
-def write_h5(tmp: Path, arr: np.ndarray, *, dest: str, reference=None, key=None, compression=None) -> None:
-    """A new file holding dataset ``key`` (default ``"label"``), gzip, chunked by slice."""
+def write_h5(tmp: Path, arr: np.ndarray, *, dest: str, reference=None, key=None, compression=None, **voxel) -> None:
+    """A new file holding dataset ``key`` (default ``"label"``), gzip, chunked by slice; ``voxel``:
+    ``spacing``, ``units``, ``attrs`` (see :func:`h5_attrs`)."""
     import h5py
 
     with h5py.File(tmp, "w") as f:
-        _h5_put(f, arr, key or "label")
+        _h5_put(f, arr, key or "label", **voxel)
 
 
 def update_h5(path: Path, arr: np.ndarray, key: str | None = None) -> None:
@@ -132,6 +178,28 @@ def _nifti_image(path: str):
 def read_nifti(path: str, key: str | None = None, role: str = "image") -> np.ndarray:
     # NIfTI stores (x, y, z); reversing all axes gives (z, y, x), and writing .T back restores it.
     return np.asanyarray(_nifti_image(path).dataobj).T
+
+
+class _Reversed:
+    """A NIfTI array proxy (x, y, z) seen as (z, y, x): slicing reads only the region (nibabel's proxy)."""
+
+    def __init__(self, proxy) -> None:
+        self.proxy, self.shape, self.dtype = proxy, tuple(proxy.shape[::-1]), proxy.dtype
+
+    def __getitem__(self, sel):
+        sel = sel if isinstance(sel, tuple) else (sel,)
+        sel = tuple(sel) + (slice(None),) * (len(self.shape) - len(sel))
+        return np.asanyarray(self.proxy[sel[::-1]]).T
+
+
+def open_nifti(path: str, key: str | None = None, role: str = "image") -> Volume:
+    """The image through nibabel's array proxy (an uncompressed file is read where sliced; .nii.gz is
+    decompressed up to the region) with its voxel size: the header's zooms and units, as (z, y, x)."""
+    img = _nifti_image(path)
+    arr = _Reversed(img.dataobj)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: len(arr.shape)])[::-1]
+    unit = ngff_unit(img.header.get_xyzt_units()[0])
+    return Volume(path, arr, spacing=zooms, units=(unit,) * len(zooms), lazy=False, fmt="nifti")
 
 
 def nifti_shape(path: str, key: str | None = None, role: str = "image") -> tuple[int, ...]:
@@ -157,8 +225,10 @@ def nifti_meta(path: str, ndim: int) -> dict[str, Any]:
     return {"affine": aff, "original_affine": aff.copy(), "space": "RAS"}
 
 
-def write_nifti(tmp: Path, arr: np.ndarray, *, dest: str, reference=None, key=None, compression=None) -> None:
-    """Stored (x, y, z) so that reading gives the array back; affine and header from a NIfTI ``reference``."""
+def write_nifti(tmp: Path, arr: np.ndarray, *, dest: str, reference=None, key=None, compression=None,
+                spacing=None, units=None, attrs=None) -> None:
+    """Stored (x, y, z) so that reading gives the array back; affine and header from a NIfTI ``reference``,
+    else zooms (and the spatial unit, micrometers or millimeters) from ``spacing`` / ``units``."""
     import nibabel as nib
 
     data = arr.T
@@ -170,8 +240,18 @@ def write_nifti(tmp: Path, arr: np.ndarray, *, dest: str, reference=None, key=No
     if reference is not None:
         ref = nib.load(os.fspath(reference))
         affine, header = ref.affine, ref.header.copy()
+    unit = None
+    if header is None and spacing is not None and units is not None and all(units):
+        from .lazy import to_unit
+
+        um = to_unit(spacing, units, "micrometer")  # NIfTI knows meter, mm and micron only
+        spacing, unit = (um, "micron") if um is not None else (spacing, None)
+    if header is None and spacing is not None and len(spacing) == arr.ndim:
+        affine = np.diag([*[float(v) for v in spacing[::-1]], 1.0] if arr.ndim == 3 else [*spacing[::-1], 1.0, 1.0])
     img = nib.Nifti1Image(data, affine, header=header, dtype=data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
+    if unit:
+        img.header.set_xyzt_units(xyz=unit)
     nib.save(img, tmp)
 
 

@@ -14,7 +14,15 @@ from monai.utils import convert_to_numpy
 
 from ..utils import atomic_path, temp_name
 from .errors import DatasetError, PathLike, dataset_error, exc_text
-from .formats import FORMATS, em_format, is_hidden, is_slice_file, native
+from .formats import (
+    FORMATS,
+    Format,
+    em_format,
+    is_hidden,
+    is_slice_file,
+    native,
+    voxel_of,
+)
 
 __all__ = ["slice_folder_problem", "write_em"]
 
@@ -65,22 +73,67 @@ def _write_folder(out: Path, arr: np.ndarray, pattern: str, compression: str | N
     try:
         for z, sl in enumerate(arr if arr.ndim == 3 else arr[None]):
             write_em(tmp / pattern.format(z), sl, compression=compression)
-        if os.path.lexists(out):
-            if overwrite is False:
-                raise _exists_error(out)
-            old = temp_name(out, ".old")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)  # fails on a non-empty folder that appeared meanwhile: nothing is lost
+        replace_folder(tmp, out, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(tmp: Path, out: Path, overwrite: bool | None) -> None:
+    """Rename the finished folder ``tmp`` onto ``out``; an existing ``out`` (unless ``overwrite`` is False)
+    is renamed away first and deleted only once ``tmp`` is in its place."""
+    if os.path.lexists(out):
+        if overwrite is False:
+            raise _exists_error(out)
+        old = temp_name(out, ".old")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)  # fails on a non-empty folder that appeared meanwhile: nothing is lost
+
+
+def store_problem(path: PathLike) -> str | None:
+    """Why the existing ``path`` may not be replaced by a zarr store (None: it is a zarr store)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return "exists and is not a zarr folder"
+    if not any(os.path.exists(os.path.join(path, n)) for n in ("zarr.json", ".zgroup", ".zarray")):
+        return "exists and is not a zarr store (no zarr.json/.zgroup/.zarray)"
+    return None
+
+
+def _write_store(fmt: Format, out: Path, arr: np.ndarray, overwrite: bool | None, **kw) -> None:
+    """A zarr store written into a hidden sibling folder renamed onto ``out`` (only a zarr store is replaced)."""
+    _refuse_existing(out, overwrite)
+    if os.path.lexists(out) and store_problem(out) is not None:
+        raise dataset_error(out, f"{store_problem(out)}; not replaced (choose another output name)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(out)
+    try:
+        fmt.write(tmp, arr, dest=os.fspath(out), **kw)
+        replace_folder(tmp, out, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def voxel_kwargs(fmt: Format, reference: PathLike | None, key: str | None, voxel: dict) -> dict:
+    """The ``spacing`` / ``units`` / ``attrs`` keywords for ``fmt.write``: those given, else the
+    ``reference``'s (attributes only from a reference of the same format); ``{}`` when ``fmt`` records none."""
+    if not fmt.voxel:
+        return {}
+    given = {k: v for k, v in voxel.items() if v is not None}
+    ref = voxel_of(reference) if reference is not None and not {"spacing", "units"} <= set(given) else {}
+    out = {"spacing": ref.get("spacing"), "units": ref.get("units"),
+           "attrs": ref.get("attrs") if ref.get("format") == fmt.name else None}
+    out.update(given)
+    if out["spacing"] is not None and all(float(s) == 1.0 for s in out["spacing"]) and not any(out["units"] or ()):
+        out["spacing"] = out["units"] = None  # tifffile's default resolution: no voxel size was recorded
+    return out
 
 
 def write_em(
@@ -91,6 +144,9 @@ def write_em(
     pattern: str = "{:04d}.png",
     compression: str | None = None,
     overwrite: bool | None = None,
+    spacing: tuple | None = None,
+    units: tuple | None = None,
+    attrs: dict | None = None,
 ) -> str:
     """Write a 2D ``(Y, X)`` or 3D ``(Z, Y, X)`` array; the format comes from ``path``'s suffix.
 
@@ -101,6 +157,8 @@ def write_em(
       other datasets.
     - ``.nrrd`` (space fields copied from a NRRD ``reference``), ``.mrc``.
     - ``.mha``/``.gipl`` (through ITK; spacing, origin and direction from an ITK ``reference``).
+    - ``.zarr`` / ``.ome.zarr``: OME-Zarr (NGFF 0.5, zarr v3), chunked by section, written as a hidden
+      sibling folder renamed into place (only an existing zarr store is replaced).
     - ``.png``: 2D only (uint8/uint16, or integers that fit).
     - a path without suffix (or an existing folder): one 2D file per z slice named
       ``pattern.format(z)`` (PNG unless the pattern ends in .tif), written into a hidden sibling
@@ -113,6 +171,10 @@ def write_em(
     final rename); ``True`` replaces it (an HDF5 file as a whole); ``None`` (default) replaces it,
     except that an existing HDF5 file keeps its other datasets (updated in place). Returns
     ``path`` as str.
+
+    Voxel size (TIFF, HDF5, NIfTI, OME-Zarr): ``spacing`` (z, y, x) and ``units`` (NGFF names), else the
+    ``reference``'s when it opens lazily (:func:`custom.io.formats.voxel_of`); HDF5 copies the
+    attributes of an HDF5 reference's dataset (``attrs``). A NIfTI reference's header wins for NIfTI.
     """
     path_s = os.fspath(path)
     out = Path(path_s)
@@ -124,7 +186,10 @@ def write_em(
         name = "dir"
     fmt = FORMATS.get(name or "")
     try:
-        if name == "dir":
+        if fmt is not None and fmt.store:
+            kw = voxel_kwargs(fmt, reference, key, {"spacing": spacing, "units": units, "attrs": attrs})
+            _write_store(fmt, out, arr, overwrite, reference=None, key=key, compression=compression, **kw)
+        elif name == "dir":
             _write_folder(out, arr, pattern, compression, overwrite)
         elif fmt is None or fmt.write is None:
             raise dataset_error(
@@ -134,8 +199,9 @@ def write_em(
             fmt.update(out, arr, key)
         else:
             ref = reference if reference is not None and em_format(reference) == fmt.name else None
+            kw = voxel_kwargs(fmt, reference, key, {"spacing": spacing, "units": units, "attrs": attrs})
             with atomic_path(out, replace=overwrite is not False) as tmp:
-                fmt.write(tmp, arr, dest=path_s, reference=ref, key=key, compression=compression)
+                fmt.write(tmp, arr, dest=path_s, reference=ref, key=key, compression=compression, **kw)
     except DatasetError:
         raise
     except FileExistsError as exc:
