@@ -8,29 +8,48 @@
 - :mod:`.images`: :class:`SampleTripletSaver`, :class:`PredictionOverlays` (:func:`overlay_image`),
   :class:`ReconstructionWriter`.
 - :mod:`.evaluation`: :class:`SegmentationMetricsSaver` (the per-volume and mean tables).
+- :mod:`.progress`: :class:`EngineProgress` (Ignite's ``ProgressBar``, silent off a terminal).
+- :mod:`.plots`: :class:`TrainingCurves` (loss and validation metrics against iteration, PNG + CSV, MLflow).
 """
 
 from .checkpointing import AtomicCheckpointSaver, AtomicDiskSaver, ValidationState
 from .evaluation import SegmentationMetricsSaver
-from .images import PredictionOverlays, ReconstructionWriter, SampleTripletSaver, overlay_image
+from .images import (
+    PredictionOverlays,
+    ReconstructionWriter,
+    SampleTripletSaver,
+    overlay_image,
+)
+from .plots import TrainingCurves, plot_curves
+from .progress import EngineProgress, loss_postfix
 from .resume import latest_checkpoint, prune_checkpoints, resume_checkpoint
-from .tracking import close_tracking, MLflowExtras, MLflowRun, connect_tracking, local_tracking_uri
+from .tracking import (
+    MLflowExtras,
+    MLflowRun,
+    close_tracking,
+    connect_tracking,
+    local_tracking_uri,
+)
 
 __all__ = [
-    "AtomicDiskSaver",
     "AtomicCheckpointSaver",
+    "AtomicDiskSaver",
+    "EngineProgress",
+    "MLflowExtras",
+    "MLflowRun",
+    "PredictionOverlays",
+    "ReconstructionWriter",
+    "SampleTripletSaver",
+    "SegmentationMetricsSaver",
+    "TrainingCurves",
     "ValidationState",
+    "close_tracking",
+    "connect_tracking",
     "latest_checkpoint",
+    "local_tracking_uri",
+    "loss_postfix",
+    "overlay_image",
+    "plot_curves",
     "prune_checkpoints",
     "resume_checkpoint",
-    "local_tracking_uri",
-    "MLflowRun",
-    "connect_tracking",
-    "close_tracking",
-    "MLflowExtras",
-    "SampleTripletSaver",
-    "PredictionOverlays",
-    "overlay_image",
-    "ReconstructionWriter",
-    "SegmentationMetricsSaver",
 ]
