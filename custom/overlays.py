@@ -35,13 +35,13 @@ faith that picked up code, and for users who cannot read every overlay, not a sa
 
 from __future__ import annotations
 
-import ast
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from custom.errors import ConfigError, OverlayError
+from custom.utils import is_within, literal_value
 
 __all__ = ["OverlayError", "config_code", "check_plain_config", "bundle_config_files", "check_overlays", "check_overrides"]
 
@@ -70,11 +70,6 @@ def _macro_file(value: str) -> str:
     return ConfigParser.split_path_id(value[len(MACRO):])[0]
 
 
-def _within(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def config_code(config: Any, trusted_dir: Optional[str] = None, _id: str = "") -> list[str]:
     """Where ``config`` (a parsed JSON/YAML config) holds code: ``["<id>: <what>", ...]``, empty for plain values.
 
@@ -100,7 +95,7 @@ def config_code(config: Any, trusted_dir: Optional[str] = None, _id: str = "") -
             found.append(f"{where}: a $ expression ({_short(config)})")
         elif config.startswith(MACRO):
             path = _macro_file(config)
-            if path and not (trusted_dir and _within(path, trusted_dir)):
+            if path and not (trusted_dir and is_within(path, trusted_dir)):
                 found.append(f"{where}: a % macro reading another file ({_short(config)})")
     return found
 
@@ -123,13 +118,6 @@ def check_plain_config(config: Any, source: str, trusted_dir: Optional[str] = No
     return True
 
 
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def _files(value: Any) -> list[str]:
     """Config file names as ``monai.bundle run`` reads them: a list, or a string (one file, or comma separated)."""
     if value is None:
@@ -148,9 +136,9 @@ def _option(argv: Sequence[str], name: str) -> Any:
     value = None
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):
-            value = _literal(argv[i + 1])
+            value = literal_value(argv[i + 1])
         elif arg.startswith(flag + "="):
-            value = _literal(arg[len(flag) + 1:])
+            value = literal_value(arg[len(flag) + 1:])
     return value
 
 
@@ -202,7 +190,7 @@ def check_overlays(argv: Optional[Sequence[str]] = None, configs_dir: Optional[s
     also = [d for d in os.environ.get(TRUSTED_ENV, "").split(os.pathsep) if d]
     for role in ("config_file", "args_file", "meta_file"):
         for name in files[role]:
-            if any(_within(os.path.abspath(name), d) for d in (trusted, *also)) or not os.path.isfile(name):
+            if any(is_within(os.path.abspath(name), d) for d in (trusted, *also)) or not os.path.isfile(name):
                 continue  # trusted, or a missing file (MONAI's to report)
             try:
                 content = ConfigParser.load_config_file(name)

@@ -29,7 +29,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from custom.errors import ConfigError
-from custom.overlays import _literal, _within, bundle_config_files, check_overlays, check_overrides
+from custom.overlays import bundle_config_files, check_overlays, check_overrides
+from custom.utils import is_within, literal_value
 
 __all__ = ["SCHEMA_NAME", "load_schema", "check_values", "given_values", "check_command_line"]
 
@@ -99,7 +100,7 @@ def given_values(argv: Optional[Sequence[str]] = None, configs_dir: Optional[str
     files = bundle_config_files(argv)["config_file"]
     out: dict[str, Any] = {}
     for name in files:
-        if configs_dir and _within(os.path.abspath(name), configs_dir) or not os.path.isfile(name):
+        if configs_dir and is_within(os.path.abspath(name), configs_dir) or not os.path.isfile(name):
             continue
         content = ConfigParser.load_config_file(name)
         if isinstance(content, Mapping):
@@ -112,7 +113,7 @@ def given_values(argv: Optional[Sequence[str]] = None, configs_dir: Optional[str
             if i + 1 >= len(argv):
                 continue
             text = argv[i + 1]
-        out[name] = _literal(text)
+        out[name] = literal_value(text)
     return out
 
 

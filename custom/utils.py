@@ -1,19 +1,21 @@
 """Small helpers every part of ``custom`` uses, each written once: atomic writes, file stems,
-natural sort order and the names of slice planes. Imports nothing from ``custom``."""
+natural sort order, the names of slice planes, paths inside a folder, command-line values and
+short lists in messages. Imports nothing from ``custom``."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
 import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, TypeVar, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, TypeVar, Union
 
 __all__ = [
-    "COMPOUND_SUFFIXES", "PLANES", "PLANE_AXIS", "atomic_path", "file_stem", "natural_key", "plane_list", "progress",
-    "temp_name",
+    "COMPOUND_SUFFIXES", "PLANES", "PLANE_AXIS", "atomic_path", "file_stem", "is_within", "literal_value", "natural_key",
+    "plane_list", "progress", "short_list", "temp_name",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -83,6 +85,30 @@ def file_stem(path: PathLike) -> str:
         if low.endswith(ext):
             return name[: -len(ext)]
     return os.path.splitext(name)[0]
+
+
+def is_within(path: PathLike, folder: PathLike) -> bool:
+    """True when ``path`` is ``folder`` or lies below it, links resolved (``os.path.realpath`` of both), so
+    ``folder/../elsewhere`` and a link out of ``folder`` are outside. A plain string prefix test would
+    take ``/data/configs-old`` to lie within ``/data/configs``; the separator check does not."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def literal_value(text: str) -> Any:
+    """A command-line value read as a Python literal where it is one (``"3"`` -> ``3``, ``"[1, 2]"`` ->
+    ``[1, 2]``, ``"False"`` -> ``False``), else the text itself (``"abc"``, ``"false"``), as
+    ``python -m monai.bundle run`` (fire) reads ``--key value``. Never evaluates code (``ast.literal_eval``)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def short_list(names: Sequence[str], limit: int = 3) -> str:
+    """The first ``limit`` of ``names`` for a one-line message: ``"a, b, c and 2 more"``."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def natural_key(text: str) -> list:

@@ -1,4 +1,4 @@
-"""``custom/`` uses only the public APIs of MONAI, Ignite, PyTorch and MLflow.
+"""``custom/`` uses only the public APIs of MONAI, Ignite, PyTorch and MLflow, and of its own modules.
 
 A private attribute (``obj._name``) of another library's object is not part of its API: it changes
 without notice (MONAI's ``CheckpointSaver._final_checkpoint``, Ignite's ``engine._event_handlers``
@@ -8,15 +8,21 @@ its text, so strings and comments do not count) and allows ``_name`` only
 - on ``self``/``cls`` in a class of ours, unless the name belongs to a library base class (an
   attribute of it, or one its source assigns as ``self._name``) whose documentation does not
   offer it to subclasses (MONAI's ``RandomizableTransform`` documents its ``_do_transform`` flag), or
-- on an object of ours: a class, function or module of ``custom`` (our own private helpers).
+- on an object of ours: a class or function of ``custom`` (our own private helpers).
 
 ``getattr``/``hasattr``/``setattr`` with a ``"_name"`` string count as attribute access too.
+
+Between the modules of ``custom`` a ``_name`` stays where it is defined: a module never imports
+another module's private name (``from custom.overlays import _literal``, ``from .inputs import
+_short``) nor reads one through the module (``overlays._literal``); a helper two modules share is
+public (``custom.utils``) and documented there.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import re
 import sys
@@ -85,10 +91,40 @@ def _belongs_to(name: str, bases: list[type]) -> bool:
     return False
 
 
+def _imported_from(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The absolute name of the module ``node`` imports from (relative imports resolved against ``module``)."""
+    if node.level == 0:
+        return node.module or ""
+    package = module if is_package else module.rpartition(".")[0]
+    return importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _custom_modules(tree: ast.Module, module: str, is_package: bool) -> set[str]:
+    """Local names bound to modules of ``custom`` (``import custom.x as m``, ``from custom import io``, ``from . import x``)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "custom"}
+        elif isinstance(node, ast.ImportFrom):
+            base = _imported_from(node, module, is_package)
+            if base.split(".")[0] == "custom":
+                names |= {a.asname or a.name for a in node.names if _is_module(f"{base}.{a.name}")}
+    return names
+
+
 class _Finder(ast.NodeVisitor):
     def __init__(self, path: Path, tree: ast.Module) -> None:
         self.path, self.module = path, _module_name(path)
+        self.is_package = path.name == "__init__.py"
         self.ours = _ours(tree, self.module)
+        self.modules = _custom_modules(tree, self.module, self.is_package)
         self.classes: list[ast.ClassDef] = []
         self.found: list[str] = []
 
@@ -104,7 +140,9 @@ class _Finder(ast.NodeVisitor):
                 return True
             bases = _library_bases(self.module, self.classes[-1].name) if len(self.classes) == 1 else []
             return not _belongs_to(name, bases)
-        return dotted is not None and (dotted.split(".")[0] in self.ours or dotted.startswith("custom."))
+        if dotted is None or dotted.split(".")[0] in self.modules or dotted.startswith("custom."):
+            return False  # a module of custom: its private names stay inside it
+        return dotted.split(".")[0] in self.ours
 
     def _flag(self, node: ast.AST, what: str) -> None:
         line = ast.get_source_segment(self.path.read_text(), node) or what
@@ -114,6 +152,13 @@ class _Finder(ast.NodeVisitor):
         if PRIVATE.match(node.attr) and not self._allowed(node.value, node.attr):
             self._flag(node, node.attr)
         self.generic_visit(node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        base = _imported_from(node, self.module, self.is_package)
+        if base.split(".")[0] == "custom" and base != self.module:
+            for alias in node.names:
+                if PRIVATE.match(alias.name):
+                    self._flag(node, alias.name)
 
     def visit_Call(self, node: ast.Call) -> None:
         fn = _dotted(node.func)
@@ -137,7 +182,7 @@ def private_accesses(paths: list[Path]) -> list[str]:
 
 def test_custom_touches_no_private_attribute_of_monai_ignite_torch_or_mlflow():
     found = private_accesses(_modules())
-    assert not found, "private attributes of library objects:\n" + "\n".join(found)
+    assert not found, "private names of library objects or of other custom modules:\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize(
@@ -153,13 +198,23 @@ def test_custom_touches_no_private_attribute_of_monai_ignite_torch_or_mlflow():
         ("from monai.transforms import RandomizableTransform\nclass T(RandomizableTransform):\n    def f(self):\n"
          "        return self._do_transform\n", False),  # documented for subclasses
         ("def _helper():\n    pass\n\nclass A:\n    @staticmethod\n    def g():\n        return A._x\n", False),
-        ("from custom.overlays import _literal\n", False),
+        # another module's private name: imported, relatively imported, or read through the module
+        ("from custom.overlays import _literal\n", True),
+        ("from .probe_helpers import _short\n", True),
+        ("from custom.probe_helpers import short_list, _short as short\n", True),
+        ("from custom import probe_helpers\ndef f():\n    return probe_helpers._short\n", True),
+        ("import custom.probe_helpers as h\ndef f():\n    return h._short\n", True),
+        ("import custom.probe_helpers\ndef f():\n    return custom.probe_helpers._short\n", True),
+        ("from custom.probe_helpers import short_list\nfrom . import probe_helpers\ndef f():\n"
+         "    return short_list, probe_helpers.short_list\n", False),  # public names
+        ("def _helper():\n    pass\n\ndef f():\n    return _helper()\n", False),  # its own private helper
     ],
 )
 def test_the_check_tells_library_internals_from_our_own(tmp_path, code, flagged, monkeypatch):
     pkg = tmp_path / "custom"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
+    (pkg / "probe_helpers.py").write_text("def _short():\n    pass\n\ndef short_list():\n    pass\n")
     (pkg / "probe_public_apis.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))  # the probe's classes are imported as custom.probe_public_apis
     for name in [m for m in list(sys.modules) if m == "custom" or m.startswith("custom.")]:

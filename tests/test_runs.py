@@ -85,7 +85,7 @@ def test_a_pretraining_checkpoint_is_refused_by_finetune_inference_and_evaluatio
 
 
 def test_a_segmentation_checkpoint_is_refused_by_pretrain_inference(tmp_path):
-    from test_reliability import _unlabelled
+    from tests.helpers import write_unlabelled as _unlabelled
 
     ckpt = _tiny_checkpoint(tmp_path / "seg.pt", head="segmentation", out_channels=1)  # same shapes as recon
     res = _run(PRE, INFER, "--bundle_root", tmp_path / "root", "--dataset_dir", _unlabelled(tmp_path / "ds", 1),

@@ -1,5 +1,5 @@
 """Tests for custom/utils.py: the helpers every part of ``custom`` shares (atomic writes, file stems,
-natural order, plane names)."""
+natural order, plane names, paths within a folder, command-line values, short lists)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import os
 
 import pytest
 
-from custom.utils import atomic_path, file_stem, natural_key, plane_list, temp_name
+from custom.utils import (
+    atomic_path,
+    file_stem,
+    is_within,
+    literal_value,
+    natural_key,
+    plane_list,
+    short_list,
+    temp_name,
+)
 
 
 def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
@@ -59,3 +68,34 @@ def test_plane_list():
     for bad in ("xx", [], ["xy", "zz"]):
         with pytest.raises(ValueError, match="planes must be"):
             plane_list(bad)
+
+
+def test_is_within_resolves_links_and_dot_dots(tmp_path):
+    configs = tmp_path / "configs"
+    (configs / "sub").mkdir(parents=True)
+    (tmp_path / "configs-old").mkdir()
+    assert is_within(configs, configs) and is_within(configs / "sub" / "a.json", configs)
+    assert not is_within(tmp_path / "configs-old" / "a.json", configs)  # a longer name, not a sub-folder
+    assert not is_within(configs / ".." / "elsewhere.json", configs)
+    (configs / "out").symlink_to(tmp_path / "configs-old")  # a link in the folder to a place outside it
+    assert not is_within(configs / "out" / "a.json", configs)
+    (tmp_path / "in").symlink_to(configs / "sub")  # a link outside the folder to a place in it
+    assert is_within(tmp_path / "in" / "a.json", configs) and is_within(str(configs / "sub"), str(configs))
+
+
+def test_literal_value_reads_literals_and_keeps_other_text(tmp_path):
+    assert literal_value("3") == 3 and literal_value("1e12") == 1e12 and literal_value("[1, 2]") == [1, 2]
+    assert literal_value("False") is False and literal_value("None") is None
+    assert literal_value("{'a': 'b'}") == {"a": "b"}
+    for text in ("false", "abc", "1 +", "configs/train.json"):
+        assert literal_value(text) == text
+    marker = tmp_path / "marker"
+    code = f"open({str(marker)!r}, 'w')"
+    assert literal_value(code) == code and not marker.exists()  # code stays text, never runs
+
+
+def test_short_list_names_the_first_few():
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert short_list(names) == "a.png, b.png, c.png and 2 more"
+    assert short_list(names[:3]) == "a.png, b.png, c.png" and short_list(names, limit=1) == "a.png and 4 more"
+    assert short_list([]) == ""
