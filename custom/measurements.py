@@ -256,18 +256,12 @@ def _write_csv(path: str, columns: Sequence[str], rows: Sequence[Mapping[str, An
         writer.writerows(rows)
 
 
-def _open_labels(source: Any) -> Any:
-    """An array, or a label file opened for reading: a zarr array lazily, other EM formats whole."""
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    path = os.fspath(source)
-    if path.rstrip("/").endswith(".zarr"):
-        import zarr
-
-        return zarr.open(path, mode="r")
-    from custom.io import read_em
-
-    return read_em(path, role="label")
+def _measure_any(array: Any, spacing: Any, class_names: Any, connectivity: int, block: int | None) -> tuple[list, tuple]:
+    """The objects table of an array-like (3D streamed ``block`` sections at a time) and its shape."""
+    shape = tuple(array.shape)
+    if len(shape) == 3 and block is not None:
+        return measure_blocks(array, spacing, class_names, connectivity, block), shape
+    return measure(np.asarray(array), spacing, class_names, connectivity), shape
 
 
 def write_measurements(
@@ -281,9 +275,11 @@ def write_measurements(
     """Write ``<out_prefix>_objects.csv`` and ``<out_prefix>_summary.csv`` of a label volume; returns both paths.
 
     Args:
-        labels: a label file (``.zarr`` read lazily; other formats through ``custom.io.read_em``) or an
-            array (numpy, zarr, h5py). 3D arrays are streamed ``block`` sections at a time (None: whole).
-        spacing: voxel size per axis (z, y, x) or one number (default 1).
+        labels: a label file (opened by ``custom.io.formats.open_volume``: zarr / OME-Zarr, HDF5 and TIFF
+            read lazily, others whole) or an array (numpy, zarr, h5py). 3D labels are streamed ``block``
+            sections at a time (None: whole).
+        spacing: voxel size per axis (z, y, x) or one number; default: the file's own voxel size
+            (OME-Zarr scale, HDF5 ``element_size_um``, TIFF resolution, NIfTI zooms), else 1.
         out_prefix: path prefix of the tables (default: the label file's path without its suffix).
         class_names: names by class index.
 
@@ -301,15 +297,18 @@ def write_measurements(
     for p in paths:
         if os.path.exists(p):
             raise OutputError(f"{p}: exists already; measurements never replace a file (remove it or choose another out_prefix)")
-    array = _open_labels(labels)
-    ndim = len(array.shape)
-    if ndim == 3 and block is not None:
-        rows = measure_blocks(array, spacing, class_names, connectivity, block)
+    if isinstance(labels, (str, os.PathLike)):
+        from custom.io.formats import open_volume
+
+        with open_volume(labels, role="label") as vol:  # read lazily where the format allows (zarr, HDF5, TIFF)
+            spacing = vol.spacing if spacing is None else spacing
+            source = vol if vol.lazy and len(vol.shape) == 3 else vol.read()
+            rows, shape = _measure_any(source, spacing, class_names, connectivity, block)
     else:
-        rows = measure(np.asarray(array), spacing, class_names, connectivity)
-    summary = summarize_objects(rows, int(np.prod(array.shape)), class_names)
+        rows, shape = _measure_any(labels, spacing, class_names, connectivity, block)
+    summary = summarize_objects(rows, int(np.prod(shape)), class_names)
     os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
-    _write_csv(paths[0], object_columns(ndim), rows)
+    _write_csv(paths[0], object_columns(len(shape)), rows)
     _write_csv(paths[1], SUMMARY_COLUMNS, summary)
     logger.info("[retina] measured %d objects in %d classes: %s, %s", len(rows), len(summary), *paths)
     return paths

@@ -144,3 +144,18 @@ def test_write_measurements_files_and_no_overwrite(tmp_path):
     # an array needs a prefix; a whole-volume pass (block=None) writes the same table
     other = write_measurements(v, spacing=(10, 2, 2), out_prefix=tmp_path / "arr", class_names=["bg", "mito", "er"], block=None)
     assert read_csv(other[0]) == rows
+
+
+def test_voxel_size_read_from_an_ome_zarr(tmp_path):
+    """An OME-Zarr label volume (written by custom.io) is streamed lazily and its NGFF scale is the voxel size."""
+    from custom.io.zarrs import create_ngff
+
+    v = np.zeros((6, 5, 5), np.uint8)
+    v[1:5, 1:3, 1:4] = 1  # 24 voxels
+    out = create_ngff(tmp_path / "seg.ome.zarr", v.shape, v.dtype, (2, 5, 5), spacing=(30.0, 4.0, 4.0),
+                      units=("nanometer",) * 3)
+    out[:] = v
+    objects, _ = write_measurements(tmp_path / "seg.ome.zarr", block=2)
+    (row,) = read_csv(objects)
+    assert float(row["volume"]) == 24 * 30 * 4 * 4
+    assert (float(row["centroid_z"]), float(row["centroid_y"])) == (2.5 * 30, 1.5 * 4)
