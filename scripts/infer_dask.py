@@ -4,7 +4,7 @@
     python scripts/infer_dask.py --input vol.ome.zarr --output_dir out --scheduler tcp://10.0.0.5:8786
 
 Every other ``--name value`` is a setting of inference.json (``--num_classes 3``, ``--planes orthoplane``,
-``--block_shape "[64,512,512]"``, ``--save_probabilities True``...). Outputs are OME-Zarr; a killed run,
+``--block_shape "[64,512,512]"`` (None for a whole axis: ``"[16,None,None]"``), ``--save_probabilities True``...). Outputs are OME-Zarr; a killed run,
 started again with the same settings, computes only the blocks it had not finished. The work is
 ``custom.inference.dask.run_dask``; this file only parses the command line.
 """

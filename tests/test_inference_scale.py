@@ -187,7 +187,7 @@ def test_killed_dask_run_resumes(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "scripts" / "infer_dask.py"), "--input", src, "--output_dir", str(out),
            "--bundle_root", str(root), "--processes", "False", "--n_workers", "1", "--preset", "tiny",
-           "--crop_size", "64", "--overlap", "0.7", "--progress", "False", "--block_shape", "[1,null,null]"]
+           "--crop_size", "64", "--overlap", "0.7", "--progress", "False", "--block_shape", "[1,None,None]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     marks = out / ".partial-v_seg.ome.zarr" / ".retina-blocks"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -220,7 +220,8 @@ def peak_rss_mb(root: Path, src: str, out: Path) -> float:
     """Peak resident memory (MB) of ``python -m monai.bundle run`` of inference.json on ``src``."""
     cmd = [sys.executable, "-c", _RSS, sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG),
            "--bundle_root", str(root), "--input", src, "--output_dir", str(out), "--preset", "tiny",
-           "--crop_size", "64", "--overlap", "0.25", "--progress", "False", "--sw_batch_size", "16"]
+           "--crop_size", "64", "--overlap", "0.25", "--progress", "False", "--sw_batch_size", "16",
+           "--block_shape", "[4,None,None]"]  # both volumes span several blocks: memory is one block's
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=BUNDLE)
     assert res.returncode == 0, res.stderr[-2000:]
     return int(res.stdout.split()[-1]) / 1024

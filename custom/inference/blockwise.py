@@ -73,7 +73,7 @@ def stream_settings(block: Optional[Sequence[Optional[int]]], halo: Any, ndim: i
     ok = ok and all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in halo)
     if not ok:
         raise ConfigError(f"block_shape / block_halo: expected {ndim} integers (None: a whole axis) and a halo >= 0 "
-                          f"per axis, got {block!r} / {halo!r}; e.g. --block_shape [16,null,null] --block_halo 0")
+                          f"per axis, got {block!r} / {halo!r}; e.g. --block_shape '[16,None,None]' --block_halo 0")
     return tuple(None if b is None or b <= 0 else int(b) for b in block), tuple(int(h) for h in halo)
 
 
