@@ -70,7 +70,6 @@ class Case:
     setup: Callable[[Path], list]  # tmp -> extra command-line arguments
     kind: str  # error kind in the one line
     fragments: Callable[[Path], list] = lambda tmp: []
-    needs_flag: bool = False  # finetune configs that carry the reporter (see _finetune_ready)
     unless_root: bool = False  # permissions do not stop root: skipped when the tests run as root
     check: Callable[[Path, subprocess.CompletedProcess], None] | None = None
     result: dict = field(default_factory=dict)
@@ -207,7 +206,7 @@ CASES: dict[str, Case] = {
     "ft_missing_dataset_dir": Case(
         "finetune", TRAIN,
         lambda t: ["--bundle_root", t / "root", "--dataset_dir", t / "nowhere", "--transfer", "none"],
-        "dataset", lambda t: [str(t / "nowhere"), "no such file or folder"], needs_flag=True),
+        "dataset", lambda t: [str(t / "nowhere"), "no such file or folder"]),
     # ---- unreadable files
     "pre_corrupt_tiff": Case(
         "pretrain", TRAIN, _ds_pre(_bad_truncated_tiff), "dataset",
@@ -225,31 +224,27 @@ CASES: dict[str, Case] = {
         "pretrain", TRAIN, _ds_pre(_bad_nan), "dataset", lambda t: [str(t / "ds" / "nan.tif"), "2 non-finite values"]),
     "ft_shape_mismatch": Case(
         "finetune", TRAIN, _ds_ft(_ft_shape_mismatch), "dataset",
-        lambda t: [str(t / "ds" / "train" / "labels" / "vol0.tif"), "label shape (3, 48, 64) differs from image shape (3, 64, 64)"],
-        needs_flag=True),
+        lambda t: [str(t / "ds" / "train" / "labels" / "vol0.tif"), "label shape (3, 48, 64) differs from image shape (3, 64, 64)"]),
     "ft_label_values_too_big": Case(
         "finetune", TRAIN, _ds_ft(_ft_label_too_big), "dataset",
-        lambda t: [str(t / "ds" / "train" / "labels" / "vol0.tif"), "label values up to 3 but num_classes is 2"],
-        needs_flag=True),
+        lambda t: [str(t / "ds" / "train" / "labels" / "vol0.tif"), "label values up to 3 but num_classes is 2"]),
     "ft_label_not_integer": Case(
         "finetune", TRAIN, _ds_ft(_ft_label_float), "dataset",
-        lambda t: [str(t / "ds" / "val" / "labels" / "vol0.tif"), "non-integer values (e.g. 0.5)"], needs_flag=True),
+        lambda t: [str(t / "ds" / "val" / "labels" / "vol0.tif"), "non-integer values (e.g. 0.5)"]),
     # ---- checkpoints
     "ft_checkpoint_other_architecture": Case(
         "finetune", TRAIN, _ft_other_architecture, "checkpoint",
-        lambda t: [str(t / "wide.pt"), "cannot transfer 'encoder' weights", "transformer.blocks.0.", "(48,) vs (32,)"],
-        needs_flag=True),
+        lambda t: [str(t / "wide.pt"), "cannot transfer 'encoder' weights", "transformer.blocks.0.", "(48,) vs (32,)"]),
     "ft_pretrained_path_missing": Case(
         "finetune", TRAIN,
         lambda t: ["--bundle_root", t / "root", "--dataset_dir", write_labelled(t / "ds"), "--pretrained_path", t / "none.pt"],
         "checkpoint", lambda t: [str(t / "none.pt"), "pretrained checkpoint not found", "--transfer none"]),
     "ft_checkpoint_is_a_code_pickle": Case(
         "finetune", TRAIN, _ft_evil, "checkpoint",
-        lambda t: [str(t / "evil.pt"), "not a loadable weights-only checkpoint"], needs_flag=True, check=_no_code_ran),
+        lambda t: [str(t / "evil.pt"), "not a loadable weights-only checkpoint"], check=_no_code_ran),
     "ft_inference_other_class_count": Case(
         "finetune", INFER, _ft_infer_class_count, "checkpoint",
-        lambda t: [str(t / "root" / "models" / "model.pt"), "mismatching keys", "head.weight (1, 8, 3, 3) vs (3, 8, 3, 3)"],
-        needs_flag=True),
+        lambda t: [str(t / "root" / "models" / "model.pt"), "mismatching keys", "head.weight (1, 8, 3, 3) vs (3, 8, 3, 3)"]),
     "pre_inference_checkpoint_is_a_code_pickle": Case(
         "pretrain", INFER, _pre_infer_evil, "checkpoint",
         lambda t: [str(t / "evil.pt"), "not a loadable weights-only checkpoint", "Unsupported global"], check=_no_code_ran),
@@ -264,7 +259,7 @@ CASES: dict[str, Case] = {
     # ---- settings of the wrong type
     "ft_num_classes_abc": Case(
         "finetune", TRAIN, lambda t: ["--bundle_root", t / "root", "--num_classes", "abc", "--transfer", "none"],
-        "config", lambda t: ["num_classes: expected an integer >= 1, got 'abc' (str)"], needs_flag=True),
+        "config", lambda t: ["num_classes: expected an integer >= 1, got 'abc' (str)"]),
     "pre_iterations_abc": Case(
         "pretrain", TRAIN, _pre("--iterations", "abc"),
         "config", lambda t: ["iterations: expected an integer >= 1, got 'abc' (str)"]),
@@ -281,7 +276,7 @@ CASES: dict[str, Case] = {
         "pretrain", TRAIN, _pre("--min_free_mb", "1e12"), "output", lambda t: [str(t / "root"), "MiB free on its disk"]),
     "ft_output_parent_is_a_file": Case(
         "finetune", TRAIN, lambda t: ["--bundle_root", _file_in_the_way(t), "--transfer", "none"], "output",
-        lambda t: [str(t / "a_file" / "root"), "cannot be written: Not a directory"], needs_flag=True),
+        lambda t: [str(t / "a_file" / "root"), "cannot be written: Not a directory"]),
     # ---- tracking service
     "pre_mlflow_unreachable": Case(
         "pretrain", TRAIN, lambda t: ["--bundle_root", t / "root", "--tracking", "mlflow", "--tracking_uri", UNREACHABLE],
@@ -289,18 +284,11 @@ CASES: dict[str, Case] = {
     "ft_mlflow_unreachable": Case(
         "finetune", TRAIN,
         lambda t: ["--bundle_root", t / "root", "--transfer", "none", "--tracking", "mlflow", "--tracking_uri", UNREACHABLE],
-        "tracking", lambda t: [UNREACHABLE, "MLflow tracking server unreachable (connection refused)"], needs_flag=True),
+        "tracking", lambda t: [UNREACHABLE, "MLflow tracking server unreachable (connection refused)"]),
 }
 
 
-def _finetune_ready() -> bool:
-    """True once the finetune configs install the one-line reporter (their owner finishes first)."""
-    return "custom.errors.report_errors" in (FT / "configs" / "train.json").read_text()
-
-
 def _skip_reason(case: Case) -> str | None:
-    if case.needs_flag and not _finetune_ready():
-        return "the retina_finetune configs do not install custom.errors.report_errors yet"
     if case.unless_root and IS_ROOT:
         return "running as root: directory permissions do not stop root from writing (the parent-is-a-file case covers it)"
     return None
