@@ -347,7 +347,8 @@ def pending(cells: Sequence[Cell], out_dir: str | Path) -> list[Cell]:
 
 def run(datasets: dict, inits: Sequence[str] = ("random",), seeds: Sequence[int] = (0, 1, 2),
         iterations: Sequence[int] = (100, 200, 400, 800), out_dir: str = "experiment", preset: str = "tiny",
-        crop_size: int = 128, batch_size: int = 4, workers: int = 1, threads: int = 1, tracking: bool = True,
+        crop_size: int = 128, batch_size: int = 4, workers: int = 1, threads: int = 1, gpus: int = 0,
+        tracking: bool = True,
         experiment: str = "retina_experiment", train_overrides: dict | None = None,
         eval_overrides: dict | None = None) -> dict[str, str]:
     """Run the grid datasets x inits x seeds (finished cells skipped), then write the CSV, figure and table.
@@ -362,6 +363,8 @@ def run(datasets: dict, inits: Sequence[str] = ("random",), seeds: Sequence[int]
         out_dir: where runs, MLflow store and outputs go.
         preset, crop_size, batch_size: the bundle settings of every run (the pretrained checkpoint's preset).
         workers: cells run at once (processes); threads: torch threads of each.
+        gpus: GPUs of this node; cell k trains and is evaluated on ``cuda:(k % gpus)`` (0: the bundle's choice),
+            so ``--workers 8 --gpus 8`` runs eight cells at once on an 8-GPU node.
         tracking: MLflow runs in ``out_dir/mlflow.db``, experiment ``experiment``.
         train_overrides, eval_overrides: further bundle settings of the trainings / evaluations,
             e.g. ``{'num_workers': 0}`` / ``{'eval_overlap': 0.25, 'distances': False}``.
@@ -380,14 +383,20 @@ def run(datasets: dict, inits: Sequence[str] = ("random",), seeds: Sequence[int]
             experiment, threads)
     from custom.utils import progress
 
+    def cell_args(k: int) -> tuple:
+        if int(gpus) <= 0:
+            return args
+        device = {"device": f"$torch.device('cuda:{k % int(gpus)}')"}
+        return (args[0], args[1], {**settings, **device}, *args[3:])
+
     if int(workers) <= 1:
-        for cell in progress(todo, desc="grid cells"):
-            run_cell(cell, *args)
+        for k, cell in enumerate(progress(todo, desc="grid cells")):
+            run_cell(cell, *cell_args(k))
     else:
         import multiprocessing
 
         with ProcessPoolExecutor(int(workers), mp_context=multiprocessing.get_context("spawn")) as pool:
-            for f in progress([pool.submit(run_cell, c, *args) for c in todo], desc="grid cells"):
+            for f in progress([pool.submit(run_cell, c, *cell_args(k)) for k, c in enumerate(todo)], desc="grid cells"):
                 f.result()
     return report(out)
 
