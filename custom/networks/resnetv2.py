@@ -17,12 +17,53 @@ __all__ = ["StdConv2d", "Bottleneck", "ResNetV2"]
 
 
 class StdConv2d(nn.Conv2d):
-    """Conv2d whose weight is standardised per output channel over (cin, kh, kw), eps 1e-5."""
+    """Conv2d whose weight is standardised per output channel over (cin, kh, kw), eps 1e-5.
+
+    Training standardises at every forward (the gradient flows through it). For inference
+    :meth:`fold` computes the standardised weight once into the non-persistent buffer
+    ``folded_weight`` (not in the state dict, so checkpoints are unchanged); eval-mode forwards use
+    it. ``train()`` and loading weights drop it, so a stale fold is never used.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("folded_weight", None, persistent=False)
+
+    def standardised_weight(self) -> torch.Tensor:
+        """The weight (cout, cin, kh, kw) standardised per output channel."""
+        var, mean = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
+        return (self.weight - mean) / torch.sqrt(var + 1e-5)
+
+    def fold(self) -> None:
+        """Keep the standardised weight for eval-mode forwards (in place when one is kept already)."""
+        # a normal tensor even inside inference_mode, so eval forwards outside it may still need gradients
+        with torch.inference_mode(False), torch.no_grad():
+            w = self.standardised_weight()
+            kept = self.folded_weight
+            if kept is not None and kept.shape == w.shape and kept.device == w.device and not kept.is_inference():
+                kept.copy_(w)  # same tensor: a compiled graph that captured it stays valid
+            else:
+                self.folded_weight = w
+
+    def unfold(self) -> None:
+        """Drop the folded weight (forwards standardise again)."""
+        self.folded_weight = None
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.unfold()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.unfold()  # new weights: the fold is stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
-        weight = (self.weight - mean) / torch.sqrt(var + 1e-5)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        folded = self.folded_weight
+        if folded is None or self.training:
+            return F.conv2d(x, self.standardised_weight(), self.bias, self.stride, self.padding, self.dilation,
+                            self.groups)
+        return F.conv2d(x, folded, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def _gn(channels: int) -> nn.GroupNorm:
