@@ -8,6 +8,7 @@ are resolved by MONAI either way.
 from . import (  # noqa: F401  (in dependency order: each imports only those above it)
     utils,
     errors,
+    devices,
     networks,
     checkpoints,
     io,

@@ -9,31 +9,47 @@ cross-entropy term.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-__all__ = ["CEWeightedDiceCELoss"]
+__all__ = ["PAPER", "CEWeightedDiceCELoss"]
+
+#: the reference's weighting (0.5 each) and Dice over the whole batch; DiceCELoss's defaults otherwise
+PAPER = {"lambda_dice": 0.5, "lambda_ce": 0.5, "batch": True}
 
 
 class CEWeightedDiceCELoss(DiceCELoss):
     """``lambda_ce`` x CE(weight) + ``lambda_dice`` x Dice, class weights on the CE term only.
 
     Multi-class (``input`` with C > 1 channels, targets of class indices ``(B, 1, H, W)``):
-    ``to_onehot_y=True, softmax=True``; ``class_weights`` has C values (background first).
-    Binary (one logit channel, float 0/1 targets): ``sigmoid=True``; the CE term is then
-    BCE-with-logits and class weights are not accepted.
+    ``to_onehot_y=True, softmax=True, squared_pred=True``; ``class_weights`` has C values
+    (background first). Binary (one logit channel, float 0/1 targets): ``sigmoid=True``; the CE
+    term is then BCE-with-logits and class weights are not accepted. ``num_classes`` picks these
+    switches (the configs' one place for them); keywords given explicitly still win.
 
     Args:
+        num_classes: the network's output channels (1: binary), or None (set the switches yourself).
         class_weights: per-class weights of the cross-entropy, or None (unweighted).
-        kwargs: any :class:`~monai.losses.DiceCELoss` argument except ``weight``.
+        kwargs: any :class:`~monai.losses.DiceCELoss` argument except ``weight`` (defaults: :data:`PAPER`,
+            then DiceCELoss's own, e.g. ``smooth_nr=smooth_dr=1e-5``, ``include_background=True``).
     """
 
-    def __init__(self, class_weights: Optional[Union[Sequence[float], torch.Tensor]] = None, **kwargs):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_weights: Sequence[float] | torch.Tensor | None = None,
+        **kwargs,
+    ):
         if "weight" in kwargs:
             raise TypeError("pass class_weights (cross-entropy only), not weight")
+        if num_classes is not None:
+            multi = int(num_classes) > 1
+            switches = {"sigmoid": not multi, "softmax": multi, "to_onehot_y": multi, "squared_pred": multi}
+            kwargs = {**switches, **kwargs}
+        kwargs = {**PAPER, **kwargs}
         super().__init__(**kwargs)
         self.class_weights = None
         if class_weights is not None and len(class_weights) > 0:

@@ -40,6 +40,7 @@ from monai.metrics.utils import get_edge_surface_distance, get_surface_distance
 
 __all__ = [
     "SCORES",
+    "foreground_classes",
     "class_confusion",
     "scores_from_confusion",
     "directed_surface_distances",
@@ -69,6 +70,11 @@ def _labels(x: ArrayLike) -> torch.Tensor:
 
 def _mask(x: ArrayLike) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach().cpu()).bool()
+
+
+def foreground_classes(num_classes: int) -> List[int]:
+    """The classes scored by default: every class but the background 0 (``[1]`` for a binary network)."""
+    return list(range(1, max(2, int(num_classes))))
 
 
 def class_confusion(pred: ArrayLike, truth: ArrayLike, classes: Sequence[int]) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The cheap checks a run makes before its first iteration, so that a problem costs seconds, not a training.
 
-The bundles' ``initialize`` lists call them right after the error reporter and the settings check:
 :func:`check_output_dirs` (output folders writable, some free space) and :func:`check_tracking_uri`
-(an MLflow server answers, a local store can be written). The dataset is then validated by
-``custom.data.validate_items``. Problems raise one-line errors of :mod:`custom.errors`.
+(an MLflow server answers, a local store can be written). :func:`check_training`, the training configs'
+one ``preflight`` step after the settings check, runs them with the run's folder locks, the resume check
+and the dataset validation (``custom.io.validate_items``, ``check_foreground``). Problems raise one-line
+errors of :mod:`custom.errors`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from custom.errors import OutputError, TrackingError
 
-__all__ = ["check_output_dirs", "check_tracking_uri"]
+__all__ = ["check_output_dirs", "check_tracking_uri", "check_training"]
 
 
 # --------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def check_output_dirs(paths: Sequence[Any] | str | os.PathLike, min_free_mb: flo
 # --------------------------------------------------------------------------------------
 # experiment tracking
 # --------------------------------------------------------------------------------------
-def check_tracking_uri(uri: Optional[str], timeout: float = 5.0) -> bool:
+def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> bool:
     """Fail fast when an MLflow tracking server does not answer.
 
     ``http(s)://`` URIs get one request to the server's ``/health`` with a ``timeout``-second
@@ -109,4 +110,53 @@ def check_tracking_uri(uri: Optional[str], timeout: float = 5.0) -> bool:
         path = uri[len("sqlite:///"):]
         check_output_dirs([os.path.dirname(os.path.abspath(path)) or "."])
         return True
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# all of a training's checks
+# --------------------------------------------------------------------------------------
+def check_training(
+    output_dirs: Sequence[Any],
+    lock_dirs: Sequence[Any] = (),
+    tracking_uri: str | None = None,
+    min_free_mb: float = 0,
+    resume: Any = None,
+    settings: Any = None,
+    items: Sequence[Any] | None = None,
+    num_classes: int | None = None,
+    foreground_items: Sequence[Any] | None = None,
+) -> bool:
+    """Everything a training checks before its first iteration, in this order (each raises a one-line error):
+
+    1. ``output_dirs`` writable with ``min_free_mb`` MiB free, and ``tracking_uri`` usable (rank 0 only);
+    2. the training lock of ``lock_dirs`` (``custom.runs.lock_folder``);
+    3. ``resume`` (a checkpoint or None) was written by a run with these ``settings`` (``custom.runs.check_resume``);
+    4. with ``items`` (dataset lists): every file readable with labels < ``num_classes``
+       (``custom.io.validate_items``), and ``foreground_items`` hold some foreground (``custom.io.check_foreground``)
+       (rank 0 only).
+
+    Returns True (so that ``initialize`` can list it).
+    """
+    from custom.runs import check_resume, lock_folder, rank
+
+    main = rank() == 0
+    if main:
+        check_output_dirs(list(output_dirs), min_free_mb=min_free_mb)
+        check_tracking_uri(tracking_uri)
+    lock_folder(list(lock_dirs))
+    if settings is not None:
+        check_resume(resume, settings)
+    if items is not None and main:
+        from custom.io import check_foreground, validate_items
+
+        validate_items([item for part in items for item in part], num_classes=num_classes)
+        if foreground_items is not None:
+            check_foreground(list(foreground_items))
+    if foreground_items is not None:
+        # the set has foreground, so MONAI's per-slice "Num foregrounds 0" warnings of the positive/negative
+        # crops (slices without any) are expected noise
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Num foregrounds 0")
     return True

@@ -10,7 +10,11 @@
   The lock of a process that no longer runs (killed, machine rebooted) is taken over.
 - :class:`StopAtIteration`: ends training at exactly ``iterations`` (the last epoch shortened),
   with that epoch's validation and checkpoints, so ``--iterations 10`` with ``val_interval`` 250
-  trains 10 iterations, not 250.
+  trains 10 iterations, not 250 (:func:`epochs_for` gives the trainer's ``max_epochs``).
+- The steps the configs call by name: :func:`resume_from` / :func:`resume_loader`, :func:`set_seed`,
+  :func:`record_intensity`, :func:`attach_handlers`, :func:`log_summary` (with the peak memory).
+- Distributed runs (``multi_gpu_train.json``): :func:`rank`, :func:`rank_handlers`, :func:`join_ranks`,
+  :func:`leave_ranks`; single-process runs are rank 0, for which each of these changes nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +27,27 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
-__all__ = ["RunSettings", "check_resume", "lock_folder", "StopAtIteration", "LOCK_NAME", "resume_from", "log_summary", "use_threads", "attach_handlers"]
+__all__ = [
+    "LOCK_NAME",
+    "RunSettings",
+    "StopAtIteration",
+    "attach_handlers",
+    "check_resume",
+    "epochs_for",
+    "join_ranks",
+    "leave_ranks",
+    "lock_folder",
+    "log_summary",
+    "rank",
+    "rank_handlers",
+    "record_intensity",
+    "resume_from",
+    "resume_loader",
+    "set_seed",
+    "use_threads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +108,7 @@ class RunSettings:
 
             raise ConfigError(problem)
 
-    def differences(self, state: Optional[Mapping[str, Any]]) -> str:
+    def differences(self, state: Mapping[str, Any] | None) -> str:
         """Empty when ``state`` (a :meth:`state_dict`) records the same settings, else what differs (one line)."""
         old = dict((state or {}).get("settings") or {})
         changed = []
@@ -104,7 +126,7 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_resume(checkpoint: Union[str, os.PathLike, None], settings: RunSettings) -> bool:
+def check_resume(checkpoint: str | os.PathLike | None, settings: RunSettings) -> bool:
     """Refuse to resume ``checkpoint`` when it was written by a run with other settings (True otherwise).
 
     Checkpoints written before settings were recorded resume as they did, with a warning.
@@ -160,7 +182,7 @@ def _release(path: str, token: str) -> None:
             pass
 
 
-def lock_folder(folders: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> bool:
+def lock_folder(folders: str | os.PathLike | Sequence[str | os.PathLike]) -> bool:
     """Take the training lock of each folder (a ``.retina-training.lock`` file) until this process exits.
 
     Only the first process of a distributed run (``RANK`` 0 or unset) takes locks. A lock held by
@@ -173,7 +195,7 @@ def lock_folder(folders: Union[str, os.PathLike, Sequence[Union[str, os.PathLike
     """
     from custom.errors import ConfigError
 
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if rank() != 0:
         return True
     if isinstance(folders, (str, os.PathLike)):
         folders = [folders]
@@ -232,8 +254,8 @@ class StopAtIteration:
 
 
 def resume_from(
-    folder: Union[str, os.PathLike], planned: Optional[int], enabled: bool = True, score_name: str = "epoch"
-) -> Optional[str]:
+    folder: str | os.PathLike, planned: int | None, enabled: bool = True, score_name: str = "epoch"
+) -> str | None:
     """The checkpoint a training resumes from (``custom.handlers.resume_checkpoint``: with ``planned`` None
     the newest one, even of a finished run), or None when ``enabled`` is False (``--resume False``: a new
     training, whatever the folder holds)."""
@@ -244,13 +266,22 @@ def resume_from(
     return resume_checkpoint(folder, planned, score_name=score_name)
 
 
-def log_summary(evaluator: Any, epoch_length: int, model_path: Union[str, os.PathLike]) -> None:
-    """Log the best validation score of a finished training and where its weights are (one line)."""
+def log_summary(
+    evaluator: Any, epoch_length: int, model_path: str | os.PathLike, device: Any = None, metric: str = "mean IoU"
+) -> None:
+    """Log (rank 0) the best validation score of a finished training, where its weights are and, given the
+    training's ``device``, its peak memory there (``custom.devices.peak_memory_mb``), one line each."""
+    if rank() != 0:
+        return
     state = evaluator.state
     logger.info(
-        "[retina] best validation mean IoU %.4f at epoch %d (of %d iterations each); checkpoint %s",
-        state.best_metric, state.best_metric_epoch, epoch_length, os.fspath(model_path),
+        "[retina] best validation %s %.4f at epoch %d (of %d iterations each); checkpoint %s",
+        metric, state.best_metric, state.best_metric_epoch, epoch_length, os.fspath(model_path),
     )
+    if device is not None:
+        from custom.devices import peak_memory_mb
+
+        logger.info("[retina] peak memory on %s: %.0f MiB", device, peak_memory_mb(device))
 
 
 def use_threads(threads: int) -> int:
@@ -268,3 +299,97 @@ def attach_handlers(engine: Any, *handlers: Any) -> Any:
         if handler is not None:
             handler.attach(engine)
     return engine
+
+
+def epochs_for(iterations: int, epoch_length: int) -> int:
+    """The trainer's ``max_epochs`` for ``iterations`` in epochs of ``epoch_length`` (the last one shortened
+    by :class:`StopAtIteration`)."""
+    return max(1, -(-int(iterations) // int(epoch_length)))
+
+
+def resume_loader(checkpoint: str | os.PathLike | None, load_dict: Mapping[str, Any], map_location: Any = None):
+    """MONAI's ``CheckpointLoader`` of ``checkpoint`` into ``load_dict`` (the resume entries), or None without a
+    checkpoint (a new training; :func:`attach_handlers` skips it)."""
+    if not checkpoint:
+        return None
+    from monai.handlers import CheckpointLoader
+
+    return CheckpointLoader(load_path=os.fspath(checkpoint), load_dict=dict(load_dict), map_location=map_location)
+
+
+def rank() -> int:
+    """This process's rank in a distributed run (the process group's, else ``$RANK``), 0 in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def set_seed(seed: int) -> int:
+    """MONAI's ``set_determinism`` with ``seed + rank`` (each rank of a distributed run draws its own
+    augmentations; a single process gets ``seed``); returns the seed used."""
+    from monai.utils import set_determinism
+
+    seed = int(seed) + rank()
+    set_determinism(seed=seed)
+    return seed
+
+
+def record_intensity(network: Any, record: Mapping[str, Any], folder: str | os.PathLike) -> Any:
+    """Store the intensity record in ``network``'s state dict (every rank) and write ``<folder>/intensity.json``
+    (rank 0), as ``custom.intensity.attach`` and ``write_record`` do; returns the network."""
+    from custom.intensity import attach, write_record
+
+    attach(network, record)
+    if rank() == 0:
+        write_record(os.path.join(os.fspath(folder), "intensity.json"), record)
+    return network
+
+
+def _lockstep_types() -> tuple:
+    from monai.handlers import LrScheduleHandler, ValidationHandler
+
+    # (StopAtIteration belongs here too when ``iterations`` is no multiple of ``val_interval``: the lead decides,
+    # tests/test_distributed.py pins these two)
+    return (LrScheduleHandler, ValidationHandler)
+
+
+def rank_handlers(handlers: Sequence[Any] | None, lockstep: bool = True) -> list:
+    """The handlers of this rank: all of them on rank 0; on the others only those every rank needs to stay in
+    lockstep with rank 0 (learning-rate schedule, validation; ``lockstep=False``: none), so
+    only rank 0 logs, saves and tracks."""
+    handlers = [h for h in (handlers or []) if h is not None]
+    if rank() == 0:
+        return handlers
+    return [h for h in handlers if isinstance(h, _lockstep_types())] if lockstep else []
+
+
+def join_ranks(*engines: Any) -> bool:
+    """Wait for every rank (rank 0 has checked and written what the others need); engines of ranks > 0 then
+    log warnings only. Nothing to do outside a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    if rank() > 0:
+        for engine in engines:
+            engine.logger.setLevel(logging.WARNING)
+    return True
+
+
+def leave_ranks(trainer: Any, sampler: Any = None, dataset: Any = None) -> bool:
+    """Log what this rank trained, wait for the others, leave the process group (nothing outside one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if sampler is not None and dataset is not None:
+        logger.info(
+            "[retina] rank %d of %d: %d iterations, %d of %d training slices per epoch of the DistributedSampler",
+            dist.get_rank(), dist.get_world_size(), trainer.state.iteration, len(sampler), len(dataset),
+        )
+    dist.barrier()
+    dist.destroy_process_group()
+    return True

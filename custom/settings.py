@@ -117,16 +117,24 @@ def given_values(argv: Optional[Sequence[str]] = None, configs_dir: Optional[str
     return out
 
 
-def check_command_line(argv: Optional[Sequence[str]] = None, configs_dir: Optional[str] = None) -> bool:
+def check_command_line(
+    bundle: Optional[str] = None, argv: Optional[Sequence[str]] = None, configs_dir: Optional[str] = None
+) -> bool:
     """Overlays, names and values of a ``monai.bundle run`` command line (see the module docstring).
 
     Args:
+        bundle: the bundle's name; given, the one-line error report (``custom.errors.report_errors``) is
+            installed first, so a config's ``initialize`` starts with this one call.
         argv: the command line (default ``sys.argv``).
         configs_dir: the bundle's configs folder; default the folder of the first ``--config_file``.
 
     Returns:
         True (so that ``initialize`` can call it).
     """
+    if bundle:
+        from custom.errors import report_errors
+
+        report_errors(bundle)
     argv = list(sys.argv if argv is None else argv)
     files = bundle_config_files(argv)["config_file"]
     if not files:

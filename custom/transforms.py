@@ -17,6 +17,8 @@ normalisation) and use these where none does:
   borders of small crops.
 - :class:`FixedAugmentd`: runs a random transform with randomness fixed per item (seeded by the
   item's content), so a validation set sees the same degradation at every validation.
+- :class:`ToLabelsd`: network outputs to label maps for a given ``num_classes`` (sigmoid and 0.5
+  for one channel, softmax and argmax for several), the fine-tuning configs' one place for that switch.
 
 All work on channel-first 2D arrays ``(C, H, W)`` (numpy or torch) with intensities in [0, 1]
 and return the input's array type.
@@ -34,11 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable, RandomizableTransform, Transform
+from monai.transforms import Activationsd, AsDiscreted, Compose, MapTransform, Randomizable, RandomizableTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_tensor
 from monai.utils.misc import MAX_SEED
 
-__all__ = ["RandResizedCropd", "RandGaussianNoiseVard", "RandGaussianBlurd", "FixedAugmentd", "opencv_sigma"]
+__all__ = ["RandResizedCropd", "RandGaussianNoiseVard", "RandGaussianBlurd", "FixedAugmentd", "ToLabelsd", "opencv_sigma"]
 
 
 def _as_float_tensor(img: Any) -> torch.Tensor:
@@ -353,3 +355,23 @@ class FixedAugmentd(Transform):
             if isinstance(self.transform, Randomizable):
                 self.transform.set_random_state(seed=seed)
             return self.transform(dict(data))
+
+
+class ToLabelsd(Compose):
+    """Network output ``(C, H, W[, D])`` -> label map ``(1, ...)`` for ``num_classes`` output channels.
+
+    One channel (binary): sigmoid, then 1 where the probability exceeds 0.5; several: softmax, then the
+    argmax. MONAI's ``Activationsd`` and ``AsDiscreted`` do the work; this picks their switches.
+
+    Args:
+        keys: the keys of the outputs (e.g. ``"pred"``).
+        num_classes: the network's output channels.
+        activation: False when the outputs are already probabilities (e.g. ``SliceWiseInferer``'s).
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, activation: bool = True) -> None:
+        binary = int(num_classes) == 1
+        steps = [AsDiscreted(keys, argmax=not binary, threshold=0.5 if binary else None)]
+        if activation:
+            steps.insert(0, Activationsd(keys, sigmoid=binary, softmax=not binary))
+        super().__init__(steps)

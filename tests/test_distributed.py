@@ -79,6 +79,7 @@ def test_multi_gpu_config_merges_and_tracks_train_json():
         assert id_ in parser, id_
     assert parser["crop_size"] == 64 and parser["preset"] == "tiny"  # demo still applies
     for key in multi:  # every id patched by the overlay still exists where it points
+        key = key.lstrip("+")  # a `+` merge appends to train.json's own list
         parent = key.rsplit("#", 1)[0] if "#" in key else key
         assert parent in parser and (parent in ("train#sampler", "validate#sampler") or parent.split("#")[0] in train), key
     # drift guards: the DDP module is train.json's network, and multi_gpu_train.json's initialize/run/finalize keep
@@ -89,7 +90,7 @@ def test_multi_gpu_config_merges_and_tracks_train_json():
         for line in train[section]:
             if "set_determinism" not in line:
                 assert line[1:] in steps, f"multi_gpu_train.json's {section} lacks train.json's step {line!r}"
-    final = "\n".join(multi["finalize"])
+    final = "\n".join(multi.get("finalize", train["finalize"]))
     for line in train["finalize"]:  # the final summary (custom.runs.log_summary), on rank 0
         assert "log_summary" in line and line[1:] in final, line
 

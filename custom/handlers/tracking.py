@@ -17,21 +17,23 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri
 
-__all__ = ["local_tracking_uri", "MLflowRun", "connect_tracking", "MLflowExtras"]
+__all__ = ["MLflowExtras", "MLflowRun", "connect_tracking", "local_tracking_uri"]
 
 logger = logging.getLogger(__name__)
 
 
 def local_tracking_uri(folder: str | os.PathLike, db_name: str = "mlflow.db") -> str:
-    """``sqlite:///`` URI of an MLflow store ``folder/db_name`` (folder created); artifacts go to ``folder/mlruns``."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return path_to_sqlite_uri(Path(folder) / db_name)
+    """``sqlite:///`` URI of an MLflow store ``folder/db_name`` (``db_name`` may hold a sub-folder, e.g.
+    ``mlruns/mlflow.db``; the database's folder is created); artifacts go to ``mlruns`` beside the database."""
+    db = Path(folder) / db_name
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return path_to_sqlite_uri(db)
 
 
 class MLflowRun:
@@ -43,14 +45,14 @@ class MLflowRun:
     """
 
     def __init__(self) -> None:
-        self.handler: Optional[MLFlowHandler] = None
+        self.handler: MLFlowHandler | None = None
 
-    def connect(self, handler: Optional[MLFlowHandler]) -> None:
+    def connect(self, handler: MLFlowHandler | None) -> None:
         """Log to ``handler``'s run from now on (None: disconnect)."""
         self.handler = handler
 
     @property
-    def run_id(self) -> Optional[str]:
+    def run_id(self) -> str | None:
         """The id of the open run, or None."""
         h = self.handler
         return h.cur_run.info.run_id if h is not None and h.cur_run is not None else None
@@ -66,7 +68,7 @@ class MLflowRun:
             return False
         return True
 
-    def log_artifacts(self, paths: Iterable[str | os.PathLike], artifact_path: Optional[str] = None) -> bool:
+    def log_artifacts(self, paths: Iterable[str | os.PathLike], artifact_path: str | None = None) -> bool:
         """Log files (or folders) under ``artifact_path``; True when the run took all of them."""
         paths = [os.fspath(p) for p in paths]
         if self.run_id is None or not paths:
@@ -86,6 +88,13 @@ class MLflowRun:
         existing = client.get_run(run_id).data.params
         return all([self._log(k, client.log_param, k, v) for k, v in params.items() if k not in existing])
 
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> bool:
+        """Log metric values (at ``step``, default 0)."""
+        if self.run_id is None:
+            return False
+        log = self.handler.client.log_metric
+        return all([self._log(k, log, k, float(v), step=step or 0) for k, v in metrics.items()])
+
     def set_tags(self, tags: Mapping[str, Any]) -> bool:
         """Set run tags (unlike parameters, tags may change: e.g. ``resumed_from`` on a continued run)."""
         if self.run_id is None:
@@ -93,7 +102,7 @@ class MLflowRun:
         return all([self._log(k, self.handler.client.set_tag, k, v) for k, v in tags.items()])
 
 
-def connect_tracking(*handler_lists: Optional[Sequence[Any]]) -> bool:
+def connect_tracking(*handler_lists: Sequence[Any] | None) -> bool:
     """Connect the :class:`MLflowRun` of each of our handlers to the ``MLFlowHandler`` of the same list.
 
     Call it from a config, before the engines run, with the handler lists that ``--tracking mlflow``
@@ -115,7 +124,7 @@ def connect_tracking(*handler_lists: Optional[Sequence[Any]]) -> bool:
     return tracked
 
 
-def close_tracking(*handler_lists: Optional[Sequence[Any]]) -> int:
+def close_tracking(*handler_lists: Sequence[Any] | None) -> int:
     """End the MLflow runs of the ``MLFlowHandler`` s in these handler lists (an evaluator's run is not ended by
     its engine completing, as a trainer's is); returns how many were closed."""
     closed = 0
@@ -140,40 +149,61 @@ def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _param_dict(params: Any) -> dict:
+    """One name -> value dict from a mapping, an object with ``settings`` (``custom.runs.RunSettings``) or a
+    list of those (later entries win)."""
+    if params is None:
+        return {}
+    if isinstance(params, Mapping):
+        return dict(params)
+    if hasattr(params, "settings"):
+        return dict(params.settings)
+    out: dict = {}
+    for part in params:
+        out.update(_param_dict(part))
+    return out
+
+
 class MLflowExtras:
-    """Log parameters, tags and final files to the MLflow run of MONAI's ``MLFlowHandler`` on an engine.
+    """Log parameters, tags, final files and the peak memory to the MLflow run of MONAI's ``MLFlowHandler``.
 
     MONAI's handler logs losses, metrics and ``max_epochs``/``epoch_length``; this adds the
     recipe's parameters (once its run is open, at the first completed iteration) and, when the
-    engine completes, the given files or folders (e.g. the final ``model.pt``) as artifacts.
-    Put it in ``train#handlers`` after the handler that writes those files (handlers run in
-    order) and pass that list to :func:`connect_tracking`. Does nothing without ``--tracking mlflow``.
+    engine completes, the given files or folders (e.g. the final ``model.pt``) as artifacts and the
+    metric ``peak_memory_mb`` of ``device``. Put it in ``train#handlers`` after the handler that
+    writes those files (handlers run in order) and pass that list to :func:`connect_tracking`.
+    Does nothing without ``--tracking mlflow``.
 
     Args:
-        params: name -> value (nested dicts are flattened with ``.``; values logged as strings).
+        params: name -> value (nested dicts are flattened with ``.``; values logged as strings), a
+            ``custom.runs.RunSettings`` (its recorded settings), or a list of those merged.
         artifacts: paths logged when training completes (missing ones skipped).
         artifact_path: MLflow artifact folder of ``artifacts``.
         tags: name -> value set as run tags with the parameters (tags, unlike parameters, may
             change: e.g. ``resumed_from``, the checkpoint a restarted run continued from; empty
             values are not set).
+        device: the training's device, whose peak memory (``custom.devices.peak_memory_mb``) is logged
+            at the end; None: not logged.
     """
 
     def __init__(
         self,
-        params: Mapping[str, Any] | None = None,
+        params: Any = None,
         artifacts: Sequence[str] | str | None = None,
         artifact_path: str | None = "model",
         tags: Mapping[str, Any] | None = None,
+        device: Any = None,
     ) -> None:
-        self.params = dict(params or {})
+        self.params = _param_dict(params)
         self.tags = {k: str(v) for k, v in (tags or {}).items() if v not in (None, "")}
         self.artifacts = [artifacts] if isinstance(artifacts, (str, os.PathLike)) else list(artifacts or [])
         self.artifact_path = artifact_path
+        self.device = device
         self.mlflow = MLflowRun()
         self.params_logged = False
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``ITERATION_COMPLETED`` (parameters and tags, once) and ``COMPLETED`` (artifacts)."""
+        """Register on ``ITERATION_COMPLETED`` (parameters and tags, once) and ``COMPLETED`` (artifacts, memory)."""
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.log_params)
         engine.add_event_handler(Events.COMPLETED, self.log_artifacts)
 
@@ -188,3 +218,7 @@ class MLflowExtras:
         for path in self.artifacts:
             if os.path.exists(path) and self.mlflow.log_artifacts([path], self.artifact_path):
                 logger.info(f"logged {path} to MLflow")
+        if self.device is not None and self.mlflow.run_id is not None:
+            from custom.devices import peak_memory_mb
+
+            self.mlflow.log_metrics({"peak_memory_mb": peak_memory_mb(self.device)}, step=engine.state.iteration)
