@@ -1,9 +1,10 @@
 """The cheap checks a run makes before its first iteration, so that a problem costs seconds, not a training.
 
 :func:`check_output_dirs` (output folders writable, some free space) and :func:`check_tracking_uri`
-(an MLflow server answers, a local store can be written). :func:`check_training`, the training configs'
-one ``preflight`` step after the settings check, runs them with the run's folder locks, the resume check
-and the dataset validation (``custom.io.validate_items``, ``check_foreground``). Problems raise one-line
+(an MLflow server answers, a local store can be written). :func:`check_training` (the training configs'
+``preflight`` step) runs them with the run's folder locks before any data is read; :func:`check_data`
+(``data_check``) then the resume check and the dataset validation (``custom.io.validate_items``,
+``check_foreground``). Problems raise one-line
 errors of :mod:`custom.errors`.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from custom.errors import OutputError, TrackingError
 
-__all__ = ["check_output_dirs", "check_tracking_uri", "check_training"]
+__all__ = ["check_data", "check_output_dirs", "check_tracking_uri", "check_training"]
 
 
 # --------------------------------------------------------------------------------------
@@ -117,37 +118,41 @@ def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> bool:
 # all of a training's checks
 # --------------------------------------------------------------------------------------
 def check_training(
-    output_dirs: Sequence[Any],
-    lock_dirs: Sequence[Any] = (),
-    tracking_uri: str | None = None,
-    min_free_mb: float = 0,
-    resume: Any = None,
-    settings: Any = None,
-    items: Sequence[Any] | None = None,
-    num_classes: int | None = None,
-    foreground_items: Sequence[Any] | None = None,
+    output_dirs: Sequence[Any], lock_dirs: Sequence[Any] = (), tracking_uri: str | None = None, min_free_mb: float = 0
 ) -> bool:
-    """Everything a training checks before its first iteration, in this order (each raises a one-line error):
+    """What a training checks before it reads any data (each raises a one-line error): ``output_dirs`` writable
+    with ``min_free_mb`` MiB free and ``tracking_uri`` usable (rank 0 only), then the training lock of
+    ``lock_dirs`` (``custom.runs.lock_folder``). Returns True (so that ``initialize`` can list it)."""
+    from custom.runs import lock_folder, rank
 
-    1. ``output_dirs`` writable with ``min_free_mb`` MiB free, and ``tracking_uri`` usable (rank 0 only);
-    2. the training lock of ``lock_dirs`` (``custom.runs.lock_folder``);
-    3. ``resume`` (a checkpoint or None) was written by a run with these ``settings`` (``custom.runs.check_resume``);
-    4. with ``items`` (dataset lists): every file readable with labels < ``num_classes``
-       (``custom.io.validate_items``), and ``foreground_items`` hold some foreground (``custom.io.check_foreground``)
-       (rank 0 only).
-
-    Returns True (so that ``initialize`` can list it).
-    """
-    from custom.runs import check_resume, lock_folder, rank
-
-    main = rank() == 0
-    if main:
+    if rank() == 0:
         check_output_dirs(list(output_dirs), min_free_mb=min_free_mb)
         check_tracking_uri(tracking_uri)
     lock_folder(list(lock_dirs))
+    return True
+
+
+def check_data(
+    resume: Any = None,
+    settings: Any = None,
+    items: Sequence[Sequence[Any]] | None = None,
+    num_classes: int | None = None,
+    foreground_items: Sequence[Any] | None = None,
+) -> bool:
+    """What a training checks of its data before the first iteration (each raises a one-line error):
+
+    1. ``resume`` (a checkpoint or None) was written by a run with these ``settings`` (``custom.runs.check_resume``);
+    2. with ``items`` (dataset lists): every file readable with labels < ``num_classes``
+       (``custom.io.validate_items``), and ``foreground_items`` hold some foreground
+       (``custom.io.check_foreground``) (rank 0 only).
+
+    Returns True (so that ``initialize`` can list it).
+    """
+    from custom.runs import check_resume, rank
+
     if settings is not None:
         check_resume(resume, settings)
-    if items is not None and main:
+    if items is not None and rank() == 0:
         from custom.io import check_foreground, validate_items
 
         validate_items([item for part in items for item in part], num_classes=num_classes)
