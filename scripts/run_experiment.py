@@ -283,11 +283,15 @@ def plot_curves(agg, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (dataset, cls) in zip(axes[0], panels):
         sub = agg[(agg["dataset"] == dataset) & (agg["class"] == cls)]
-        for name, g in sub.groupby("initialisation", sort=True):
-            g = g.sort_values("iteration")
-            ax.plot(g["iteration"], g["iou_mean"], marker="o", label=name)
+        for k, (name, g) in enumerate(sub.groupby("initialisation", sort=True)):
+            g = g.sort_values("iteration")  # line styles differ so that equal curves stay visible
+            ax.plot(g["iteration"], g["iou_mean"], marker="osD^v"[k % 5], ls=["-", "--", ":", "-."][k % 4], label=name)
             ax.fill_between(g["iteration"], g["iou_min"], g["iou_max"], alpha=0.2)
-        ax.set(title=f"{dataset}: {cls}", xlabel="fine-tuning iterations", ylabel="IoU", xscale="log")
+        its = sorted(int(i) for i in sub["iteration"].unique())
+        ax.set(title=f"{dataset}: {cls}", xlabel="fine-tuning iterations", ylabel="IoU (min-max over seeds)",
+               xscale="log")
+        ax.set_xticks(its, [str(i) for i in its])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -329,7 +333,9 @@ def write_outputs(rows: Iterable[dict], out_dir: str | Path) -> dict[str, str]:
     paths = {"csv": out / "results.csv", "png": out / "learning_curves.png", "table": out / "table.md"}
     with atomic_path(paths["csv"]) as tmp:
         frame.to_csv(tmp, index=False)
-    agg = aggregate(frame)
+    classes = frame[frame["class"] != "mean"].groupby("dataset")["class"].nunique()
+    single = frame["dataset"].map(classes).eq(1) & frame["class"].eq("mean")  # binary: the mean is the class
+    agg = aggregate(frame[~single])
     with atomic_path(paths["png"]) as tmp:
         plot_curves(agg, tmp)
     with atomic_path(paths["table"]) as tmp:
