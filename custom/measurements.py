@@ -33,7 +33,8 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["OBJECT_COLUMNS", "SUMMARY_COLUMNS", "measure", "measure_blocks", "summarize_objects", "write_measurements"]
+__all__ = ["OBJECT_COLUMNS", "SUMMARY_COLUMNS", "measure", "measure_blocks", "summarize_objects", "measurement_paths",
+           "label_prefix", "write_measurements"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,18 @@ def _measure_any(array: Any, spacing: Any, class_names: Any, connectivity: int, 
     return measure(np.asarray(array), spacing, class_names, connectivity), shape
 
 
+def measurement_paths(out_prefix: str | os.PathLike) -> tuple[str, str]:
+    """The two tables :func:`write_measurements` writes for ``out_prefix``: ``(<prefix>_objects.csv, <prefix>_summary.csv)``."""
+    return f"{os.fspath(out_prefix)}_objects.csv", f"{os.fspath(out_prefix)}_summary.csv"
+
+
+def label_prefix(label_path: str | os.PathLike) -> str:
+    """The tables' prefix next to a label file: ``out/vol_seg.ome.zarr`` -> ``out/vol_seg``."""
+    from custom.utils import file_stem
+
+    return os.path.join(os.path.dirname(os.fspath(label_path).rstrip("/\\")), file_stem(label_path))
+
+
 def write_measurements(
     labels: Any,
     spacing: float | Sequence[float] | None = None,
@@ -271,6 +284,7 @@ def write_measurements(
     class_names: Sequence[str] | None = None,
     connectivity: int = 1,
     block: int | None = 64,
+    overwrite: bool = False,
 ) -> tuple[str, str]:
     """Write ``<out_prefix>_objects.csv`` and ``<out_prefix>_summary.csv`` of a label volume; returns both paths.
 
@@ -282,20 +296,19 @@ def write_measurements(
             (OME-Zarr scale, HDF5 ``element_size_um``, TIFF resolution, NIfTI zooms), else 1.
         out_prefix: path prefix of the tables (default: the label file's path without its suffix).
         class_names: names by class index.
+        overwrite: replace existing tables (inference's ``--overwrite True``); default refuse them.
 
     Raises:
-        custom.errors.OutputError: a table exists already (nothing is written then).
+        custom.errors.OutputError: a table exists already and not ``overwrite`` (nothing is written then).
     """
     from custom.errors import OutputError
-    from custom.utils import file_stem
-
     if out_prefix is None:
         if not isinstance(labels, (str, os.PathLike)):
             raise ValueError("out_prefix is needed when labels is an array")
-        out_prefix = os.path.join(os.path.dirname(os.fspath(labels)), file_stem(labels))
-    paths = (f"{os.fspath(out_prefix)}_objects.csv", f"{os.fspath(out_prefix)}_summary.csv")
+        out_prefix = label_prefix(labels)
+    paths = measurement_paths(out_prefix)
     for p in paths:
-        if os.path.exists(p):
+        if os.path.lexists(p) and not overwrite:
             raise OutputError(f"{p}: exists already; measurements never replace a file (remove it or choose another out_prefix)")
     if isinstance(labels, (str, os.PathLike)):
         from custom.io.formats import open_volume

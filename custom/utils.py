@@ -26,7 +26,7 @@ PLANES = ("xy", "xz", "yz")
 #: plane -> the volume axis its slice index runs along
 PLANE_AXIS = {"xy": 0, "xz": 1, "yz": 2}
 #: suffixes of two parts that :func:`file_stem` drops whole
-COMPOUND_SUFFIXES = (".nii.gz", ".ome.tif", ".ome.tiff")
+COMPOUND_SUFFIXES = (".nii.gz", ".ome.tif", ".ome.tiff", ".ome.zarr")
 
 
 def temp_name(path: PathLike, prefix: str = ".tmp") -> Path:

@@ -159,3 +159,64 @@ def test_voxel_size_read_from_an_ome_zarr(tmp_path):
     (row,) = read_csv(objects)
     assert float(row["volume"]) == 24 * 30 * 4 * 4
     assert (float(row["centroid_z"]), float(row["centroid_y"])) == (2.5 * 30, 1.5 * 4)
+
+
+# ------------------------------------------------------------------------------------------
+# inference.json --measure True: the tables written next to each label volume
+def _measured_inference(tmp_path, **overrides):
+    """``inference.json`` in-process with ``--measure True``: tiny network (seeded random weights), one OME-Zarr volume."""
+    import torch
+    from monai.bundle import ConfigWorkflow
+
+    from custom.io import write_em
+    from custom.networks import transunet_from_preset
+    from tests.helpers import FT
+
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(transunet_from_preset("tiny", img_size=64).state_dict(), root / "models" / "model.pt")
+    vol = np.random.default_rng(0).integers(0, 256, size=(4, 32, 40), dtype=np.uint8)
+    src = write_em(tmp_path / "v.ome.zarr", vol, spacing=(40.0, 4.0, 4.0), units=("nanometer",) * 3)
+    wf = ConfigWorkflow(config_file=str(FT / "configs" / "inference.json"), meta_file=str(FT / "configs" / "metadata.json"),
+                        logging_file=False, input=str(src), preset="tiny", crop_size=64, overlap=0.25, progress=False,
+                        output_dir=str(tmp_path / "out"), bundle_root=str(root), measure=True, **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_inference_writes_tables_that_match_a_flood_fill_of_its_labels(tmp_path, streaming):
+    from custom.io import read_em
+
+    wf = _measured_inference(tmp_path, streaming=streaming)
+    out = tmp_path / "out"
+    labels = np.asarray(read_em(str(out / "v_seg.ome.zarr")))
+    objects, summary = read_csv(out / "v_seg_objects.csv"), read_csv(out / "v_seg_summary.csv")
+    assert str(out / "v_seg_objects.csv") in wf.parser.get_parsed_content("evaluator").written
+    comps = flood_fill(labels, 1, diagonal=False)
+    assert len(comps) > 0 and len(objects) == len(comps)
+    assert sorted(int(r["voxels"]) for r in objects) == sorted(len(c) for c in comps)
+    # physical volume in the file's own units: 40 x 4 x 4 nm per voxel
+    for r in objects:
+        assert float(r["volume"]) == pytest.approx(int(r["voxels"]) * 640.0)
+    assert {r["class_name"] for r in objects} == {"mitochondrion"}
+    assert int(summary[0]["count"]) == len(comps)
+
+
+def test_inference_refuses_existing_tables_before_writing_anything(tmp_path):
+    import shutil
+
+    from custom.errors import OutputError
+
+    _measured_inference(tmp_path)
+    out = tmp_path / "out"
+    shutil.rmtree(out / "v_seg.ome.zarr")  # the labels are gone, the tables stay: they are still refused
+    before = (out / "v_seg_objects.csv").read_bytes()
+    with pytest.raises(Exception) as err:  # MONAI wraps an error of initialize in a RuntimeError
+        _measured_inference(tmp_path)
+    cause = err.value if isinstance(err.value, OutputError) else err.value.__cause__
+    assert isinstance(cause, OutputError) and "v_seg_objects.csv: output already exists" in str(cause)
+    assert not (out / "v_seg.ome.zarr").exists() and (out / "v_seg_objects.csv").read_bytes() == before

@@ -45,8 +45,6 @@ def output_path(
     fmt = em_format(input_path)
     name = os.path.basename(os.fspath(input_path).rstrip("/\\"))
     stem = file_stem(name) if fmt not in (None, "dir") else name
-    if name.lower().endswith(".ome.zarr"):  # file_stem keeps ".ome" of a two-part suffix it does not know
-        stem = name[: -len(".ome.zarr")]
     ext = output_ext if output_ext else (FORMATS[fmt].out_ext if fmt else ".tif")
     if ext and not ext.startswith("."):
         ext = "." + ext

@@ -16,6 +16,7 @@ from ..handlers.tracking import MLflowRun, connect_tracking
 from ..io import em_format, write_em
 from ..io.formats import open_volume
 from ..io.sinks import open_sink
+from ..measurements import label_prefix, measurement_paths, write_measurements
 from .blockwise import (
     DoneMarks,
     block_grid,
@@ -24,11 +25,21 @@ from .blockwise import (
     run_blocks,
     stream_settings,
 )
-from .outputs import plan_outputs
+from .outputs import check_outputs, plan_outputs
 
 __all__ = ["VolumePredictor"]
 
 logger = logging.getLogger(__name__)
+
+
+def _class_names(names: Any) -> Optional[List[str]]:
+    """``{"0": "background", "1": "mito"}`` or a list -> names by class index (gaps named by their index)."""
+    if names is None or isinstance(names, (list, tuple)):
+        return None if names is None else [str(n) for n in names]
+    if not isinstance(names, dict):
+        raise ConfigError(f"label_names: expected a dict of class index -> name or a list, got {names!r}")
+    by_index = {int(k): str(v) for k, v in names.items()}
+    return [by_index.get(k, str(k)) for k in range(max(by_index) + 1)] if by_index else None
 
 
 class VolumePredictor:
@@ -74,6 +85,10 @@ class VolumePredictor:
         resume: zarr outputs of a killed streaming run are continued (finished blocks are kept).
         input_key: the HDF5 dataset / zarr array of the inputs when streaming (``h5_image_key``).
         progress: a progress bar over the blocks when streaming.
+        measure: after each label volume, write its per-object and per-class tables next to it
+            (:func:`custom.measurements.write_measurements`: ``<label>_objects.csv``, ``<label>_summary.csv``,
+            planned and checked with the other outputs).
+        class_names: class index -> name for the tables (a dict with str or int keys, or a list).
     """
 
     def __init__(
@@ -104,6 +119,8 @@ class VolumePredictor:
         resume: bool = True,
         input_key: Optional[str] = None,
         progress: bool = True,
+        measure: bool = False,
+        class_names: Any = None,
     ) -> None:
         if streaming not in (True, False, "auto"):
             raise ConfigError(f"streaming: expected True, False or 'auto', got {streaming!r}")
@@ -138,6 +155,10 @@ class VolumePredictor:
         self.probability_dtype, self.stream_voxels = np.dtype(probability_dtype), int(stream_voxels)
         self.resume, self.input_key, self.show_progress = bool(resume), input_key, bool(progress)
         self.stats: Dict[str, dict] = {}
+        if not isinstance(measure, bool):
+            raise ConfigError(f"measure: expected True or False, got {measure!r}; write --measure True or --measure False")
+        self.measure, self.class_names = measure, _class_names(class_names)
+        self.tables: Dict[str, Tuple[str, str]] = {}
 
     @property
     def tracking(self) -> bool:
@@ -161,6 +182,9 @@ class VolumePredictor:
                 sources, self.output_dir, self.output_ext, self.output_postfix, root=self.input_root,
                 overwrite=self.overwrite, probabilities=n_prob,
             )
+            if self.measure:
+                self.tables = {src: measurement_paths(label_prefix(paths[0])) for src, paths in self.outputs.items()}
+                check_outputs({s: list(t) for s, t in self.tables.items()}, sources, self.overwrite, " or --output_postfix")
         return self.outputs
 
     def streams(self, src: str) -> bool:
@@ -242,6 +266,8 @@ class VolumePredictor:
         src = self._source(i)
         try:
             paths = self.predict(i)
+            if self.measure:  # the label volume is read back lazily, block by block (flat memory)
+                paths += write_measurements(paths[0], class_names=self.class_names, overwrite=self.overwrite)
         except Exception as err:  # report, keep going with the other volumes
             msg = describe(err)  # the file's problem, not MONAI's "applying transform" wrapper
             msg = msg[len(src) + 2:] if msg.startswith(f"{src}: ") else msg  # the path is printed once
