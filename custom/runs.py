@@ -350,14 +350,14 @@ def record_intensity(network: Any, record: Mapping[str, Any], folder: str | os.P
 def _lockstep_types() -> tuple:
     from monai.handlers import LrScheduleHandler, ValidationHandler
 
-    # (StopAtIteration belongs here too when ``iterations`` is no multiple of ``val_interval``: the lead decides,
-    # tests/test_distributed.py pins these two)
-    return (LrScheduleHandler, ValidationHandler)
+    # StopAtIteration too: when ``iterations`` is no multiple of ``val_interval`` rank 0 stops early, and a rank
+    # without it would wait forever at its next collective
+    return (LrScheduleHandler, StopAtIteration, ValidationHandler)
 
 
 def rank_handlers(handlers: Sequence[Any] | None, lockstep: bool = True) -> list:
     """The handlers of this rank: all of them on rank 0; on the others only those every rank needs to stay in
-    lockstep with rank 0 (learning-rate schedule, validation; ``lockstep=False``: none), so
+    lockstep with rank 0 (learning-rate schedule, the stop at ``iterations``, validation; ``lockstep=False``: none), so
     only rank 0 logs, saves and tracks."""
     handlers = [h for h in (handlers or []) if h is not None]
     if rank() == 0:

@@ -162,9 +162,9 @@ def test_finetune_ddp_two_cpu_processes(tmp_path, pretrained):
     assert v0 and v1 and not v0 & v1 and v0 | v1 == set(range(24))  # validation split too (metrics all-gathered)
     assert ranks[0]["last_loss"] != ranks[1]["last_loss"]  # each rank's own batch
     assert abs(ranks[0]["param_sum"] - ranks[1]["param_sum"]) < 1e-6 * max(1.0, abs(ranks[0]["param_sum"]))
-    # handlers (each as its class and base classes): rank 0 has all; rank 1 only the LR schedule and validation
-    # (which every rank must run: validation metrics are gathered over the ranks)
-    assert [h[0] for h in ranks[1]["train_handlers"]] == ["LrScheduleHandler", "ValidationHandler"]
+    # handlers (each as its class and base classes): rank 0 has all; rank 1 only the LR schedule, the stop at
+    # `iterations` and validation (which every rank must run: validation metrics are gathered over the ranks)
+    assert [h[0] for h in ranks[1]["train_handlers"]] == ["LrScheduleHandler", "StopAtIteration", "ValidationHandler"]
     assert ranks[1]["val_handlers"] == []
     for handlers, names in ((ranks[0]["train_handlers"], ("StatsHandler", "CheckpointSaver", "MLFlowHandler")),
                             (ranks[0]["val_handlers"], ("CheckpointSaver", "PredictionOverlays", "MLFlowHandler"))):
