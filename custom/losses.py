@@ -5,6 +5,10 @@ rescales both terms. The reference implementation (BaderLab/RETINA, after TransU
 the cross-entropy only and averages an unweighted Dice over all classes, background included.
 :class:`CEWeightedDiceCELoss` keeps DiceCELoss and moves the class weights to the
 cross-entropy term.
+
+Sparse labels: with ``ignore_index`` (e.g. 255, the value of unlabelled voxels) those voxels add
+nothing to either term (zero gradient there): MONAI's DiceLoss masks them itself, the
+cross-entropy skips them (``ignore_index`` of :class:`torch.nn.CrossEntropyLoss`; a masked mean for BCE).
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
+
+from custom.errors import ConfigError
 
 __all__ = ["PAPER", "CEWeightedDiceCELoss"]
 
@@ -33,6 +40,8 @@ class CEWeightedDiceCELoss(DiceCELoss):
     Args:
         num_classes: the network's output channels (1: binary), or None (set the switches yourself).
         class_weights: per-class weights of the cross-entropy, or None (unweighted).
+        ignore_index: the label value of unlabelled voxels (not a class: ``>= max(2, num_classes)``), or
+            None (every voxel is labelled: DiceCELoss exactly).
         kwargs: any :class:`~monai.losses.DiceCELoss` argument except ``weight`` (defaults: :data:`PAPER`,
             then DiceCELoss's own, e.g. ``smooth_nr=smooth_dr=1e-5``, ``include_background=True``).
     """
@@ -41,10 +50,16 @@ class CEWeightedDiceCELoss(DiceCELoss):
         self,
         num_classes: int | None = None,
         class_weights: Sequence[float] | torch.Tensor | None = None,
+        ignore_index: int | None = None,
         **kwargs,
     ):
         if "weight" in kwargs:
             raise TypeError("pass class_weights (cross-entropy only), not weight")
+        if ignore_index is not None and num_classes is not None and 0 <= int(ignore_index) < max(2, int(num_classes)):
+            raise ConfigError(
+                f"ignore_index: {ignore_index} is a class of a {max(2, int(num_classes))}-class task; "
+                "unlabelled voxels need a value that is not a class (e.g. 255)"
+            )
         if num_classes is not None:
             multi = int(num_classes) > 1
             switches = {"sigmoid": not multi, "softmax": multi, "to_onehot_y": multi, "squared_pred": multi}
@@ -57,9 +72,16 @@ class CEWeightedDiceCELoss(DiceCELoss):
             if weight.ndim != 1 or bool((weight < 0).any()):
                 raise ValueError(f"class_weights must be a flat list of non-negative numbers, got {class_weights}")
             self.class_weights = weight
-            reduction = self.cross_entropy.reduction
-            label_smoothing = self.cross_entropy.label_smoothing
-            self.cross_entropy = nn.CrossEntropyLoss(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        if self.ignore_index is not None:
+            # DiceCELoss (MONAI 1.6) does not pass ignore_index on to its DiceLoss, which supports it
+            self.dice.ignore_index = self.ignore_index
+        if self.class_weights is not None or self.ignore_index is not None:
+            ce = self.cross_entropy
+            self.cross_entropy = nn.CrossEntropyLoss(
+                weight=self.class_weights, reduction=ce.reduction, label_smoothing=ce.label_smoothing,
+                ignore_index=-100 if self.ignore_index is None else self.ignore_index,
+            )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.class_weights is not None:
@@ -72,3 +94,19 @@ class CEWeightedDiceCELoss(DiceCELoss):
                 )
             self.cross_entropy.to(input.device)
         return super().forward(input, target)
+
+    def ce(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of logits ``(B, C, ...)`` and class indices ``(B, 1, ...)``; 0 when every voxel is ignored
+        (PyTorch's mean over no voxel is NaN)."""
+        if self.ignore_index is not None and not bool((target != self.ignore_index).any()):
+            return input.sum() * 0.0
+        return super().ce(input, target)
+
+    def bce(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """BCE-with-logits of ``(B, 1, ...)`` logits and 0/1 targets, averaged over the labelled voxels only."""
+        if self.ignore_index is None:
+            return super().bce(input, target)
+        valid = (target != self.ignore_index).to(input.dtype)
+        # BCEWithLogitsLoss has no ignore value: a masked mean (0 where nothing is labelled)
+        loss = F.binary_cross_entropy_with_logits(input, target.to(input.dtype) * valid, reduction="none")
+        return (loss * valid).sum() / valid.sum().clamp_min(1.0)

@@ -14,6 +14,9 @@ and score one class at a time over the whole image or volume, as the paper does:
   their mean (MONAI's ``get_surface_distance`` on the full masks); optionally FP / FN = voxels
   farther than a tolerance.
 
+Sparse labels: with ``ignore_index`` (the label value of unlabelled voxels, e.g. 255) every score is
+computed over the labelled voxels only (a prediction there is neither right nor wrong).
+
 Conventions: a score whose sets are empty on both sides is NaN (the class is absent); a
 distance to an empty set is ``inf``. Means over classes and volumes skip NaN.
 
@@ -77,11 +80,17 @@ def foreground_classes(num_classes: int) -> List[int]:
     return list(range(1, max(2, int(num_classes))))
 
 
-def class_confusion(pred: ArrayLike, truth: ArrayLike, classes: Sequence[int]) -> torch.Tensor:
-    """Per-class counts ``(len(classes), 4)``: true positives, false positives, true negatives, false negatives."""
+def class_confusion(
+    pred: ArrayLike, truth: ArrayLike, classes: Sequence[int], ignore_index: int | None = None
+) -> torch.Tensor:
+    """Per-class counts ``(len(classes), 4)``: true positives, false positives, true negatives, false negatives
+    (over the voxels whose truth is not ``ignore_index``)."""
     p, t = _labels(pred), _labels(truth)
     if p.shape != t.shape:
         raise ValueError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
+    if ignore_index is not None:
+        labelled = t != int(ignore_index)
+        p, t = p[labelled], t[labelled]
     p, t = p.reshape(1, 1, -1), t.reshape(1, 1, -1)
     rows = [get_confusion_matrix((p == c).to(torch.uint8), (t == c).to(torch.uint8))[0, 0] for c in classes]
     return torch.stack(rows) if rows else torch.zeros((0, 4))
@@ -170,6 +179,7 @@ def evaluate_segmentation(
     cremi: bool = False,
     spacing: Optional[Sequence[float]] = None,
     cremi_threshold: Optional[float] = None,
+    ignore_index: int | None = None,
 ) -> Dict[str, Dict[str, float]]:
     """Every metric of one prediction against its truth, per class, plus ``"mean"`` over the classes.
 
@@ -180,13 +190,18 @@ def evaluate_segmentation(
         distances: also compute the Mean False Distance (``mfd``).
         cremi: also compute ``adgt``, ``adf``, ``cremi_score`` (and ``fp``, ``fn`` given ``cremi_threshold``).
         spacing: voxel size for the distances (default 1: distances in voxels).
+        ignore_index: truth value of unlabelled voxels: the scores count labelled voxels only, and the
+            distances see no prediction where the truth is unlabelled.
     Returns:
         ``{name: {"iou", "f1", "precision", "recall", ["mfd"], [...cremi]}, ..., "mean": {...}}``.
     """
     p, t = _labels(pred), _labels(truth)
     if p.shape != t.shape:
         raise ValueError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
-    scores = scores_from_confusion(class_confusion(p, t, classes))
+    scores = scores_from_confusion(class_confusion(p, t, classes, ignore_index))
+    if ignore_index is not None:  # no class predicted or true at unlabelled voxels (for the distances)
+        p = torch.where(t == int(ignore_index), -1, p)
+        t = torch.where(t == int(ignore_index), -1, t)
     result: Dict[str, Dict[str, float]] = {}
     for i, c in enumerate(classes):
         row = {name: float(v[i]) for name, v in scores.items()}
@@ -235,21 +250,22 @@ class ClassConfusionMetric(CumulativeIterationMetric):
     """Per-class confusion counts of label maps, pooled over every image seen, then a score.
 
     ``y_pred`` and ``y``: batch-first ``(B, 1, ...)`` label maps of class indices (or lists of
-    channel-first ones). :meth:`aggregate` sums the counts over all images, computes the score
+    channel-first ones); voxels whose ``y`` is ``ignore_index`` are not counted. :meth:`aggregate` sums the counts over all images, computes the score
     per class from the pooled counts and, with ``reduction="mean"``, averages over the classes.
     """
 
-    def __init__(self, classes: Sequence[int], metric_name: str = "iou") -> None:
+    def __init__(self, classes: Sequence[int], metric_name: str = "iou", ignore_index: int | None = None) -> None:
         super().__init__()
         if metric_name not in SCORES:
             raise ValueError(f"metric_name must be one of {sorted(SCORES)}, got {metric_name!r}")
         self.classes = [int(c) for c in classes]
         self.metric_name = metric_name
+        self.ignore_index = ignore_index
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
             raise ValueError("ClassConfusionMetric needs y")
-        return torch.stack([class_confusion(p, t, self.classes) for p, t in zip(y_pred, y)])
+        return torch.stack([class_confusion(p, t, self.classes, self.ignore_index) for p, t in zip(y_pred, y)])
 
     def aggregate(self, reduction: str = "mean") -> torch.Tensor:  # type: ignore[override]
         data = self.get_buffer()
@@ -267,6 +283,7 @@ class PooledClassScore(IgniteMetricHandler):
 
     Counts are pooled over the whole epoch (every validation image or slice), so the score is the
     whole-dataset IoU per class, as the paper scores volumes, rather than a mean of per-slice IoUs.
+    With ``ignore_index`` only labelled voxels (truth not ``ignore_index``) are counted.
     """
 
     def __init__(
@@ -275,9 +292,10 @@ class PooledClassScore(IgniteMetricHandler):
         metric_name: str = "iou",
         output_transform: Callable = from_engine(["pred", "label"]),
         save_details: bool = False,
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__(
-            metric_fn=ClassConfusionMetric(classes, metric_name),
+            metric_fn=ClassConfusionMetric(classes, metric_name, ignore_index),
             output_transform=output_transform,
             save_details=save_details,
         )

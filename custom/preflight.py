@@ -138,13 +138,15 @@ def check_data(
     items: Sequence[Sequence[Any]] | None = None,
     num_classes: int | None = None,
     foreground_items: Sequence[Any] | None = None,
+    ignore_index: int | None = None,
 ) -> bool:
     """What a training checks of its data before the first iteration (each raises a one-line error):
 
     1. ``resume`` (a checkpoint or None) was written by a run with these ``settings`` (``custom.runs.check_resume``);
     2. with ``items`` (dataset lists): every file readable with labels < ``num_classes``
        (``custom.io.validate_items``), and ``foreground_items`` hold some foreground
-       (``custom.io.check_foreground``) (rank 0 only).
+       (``custom.io.check_foreground``) (rank 0 only); ``ignore_index`` (sparse labels) is the value of
+       unlabelled voxels: allowed besides the classes, never foreground.
 
     Returns True (so that ``initialize`` can list it).
     """
@@ -155,9 +157,9 @@ def check_data(
     if items is not None and rank() == 0:
         from custom.io import check_foreground, validate_items
 
-        validate_items([item for part in items for item in part], num_classes=num_classes)
+        validate_items([item for part in items for item in part], num_classes=num_classes, ignore_index=ignore_index)
         if foreground_items is not None:
-            check_foreground(list(foreground_items))
+            check_foreground(list(foreground_items), ignore_index=ignore_index)
     if foreground_items is not None:
         # the set has foreground, so MONAI's per-slice "Num foregrounds 0" warnings of the positive/negative
         # crops (slices without any) are expected noise

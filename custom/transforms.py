@@ -19,6 +19,9 @@ normalisation) and use these where none does:
   item's content), so a validation set sees the same degradation at every validation.
 - :class:`ToLabelsd`: network outputs to label maps for a given ``num_classes`` (sigmoid and 0.5
   for one channel, softmax and argmax for several), the fine-tuning configs' one place for that switch.
+- :class:`LabelledIndicesd`: for sparse labels, the crop-centre candidates of MONAI's
+  ``RandCropByPosNegLabeld`` restricted to labelled voxels (its own ``label > 0`` would count
+  the unlabelled value, e.g. 255, as foreground).
 
 All work on channel-first 2D arrays ``(C, H, W)`` (numpy or torch) with intensities in [0, 1]
 and return the input's array type.
@@ -36,11 +39,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import Activationsd, AsDiscreted, Compose, MapTransform, Randomizable, RandomizableTransform, Transform
+from monai.transforms import (
+    Activationsd,
+    AsDiscreted,
+    Compose,
+    MapTransform,
+    Randomizable,
+    RandomizableTransform,
+    Transform,
+    map_binary_to_indices,
+)
 from monai.utils import convert_to_dst_type, convert_to_tensor
 from monai.utils.misc import MAX_SEED
 
-__all__ = ["RandResizedCropd", "RandGaussianNoiseVard", "RandGaussianBlurd", "FixedAugmentd", "ToLabelsd", "opencv_sigma"]
+__all__ = ["RandResizedCropd", "RandGaussianNoiseVard", "RandGaussianBlurd", "FixedAugmentd", "ToLabelsd", "LabelledIndicesd", "opencv_sigma"]
 
 
 def _as_float_tensor(img: Any) -> torch.Tensor:
@@ -375,3 +387,37 @@ class ToLabelsd(Compose):
         if activation:
             steps.insert(0, Activationsd(keys, sigmoid=binary, softmax=not binary))
         super().__init__(steps)
+
+
+class LabelledIndicesd(MapTransform):
+    """Crop centres on labelled voxels only: ``<key>_fg_indices`` (labelled foreground: a class > 0) and
+    ``<key>_bg_indices`` (labelled background: 0), flat indices for ``RandCropByPosNegLabeld``'s
+    ``fg_indices_key`` / ``bg_indices_key``.
+
+    With ``ignore_index=None`` (every voxel labelled) it adds nothing, so ``RandCropByPosNegLabeld`` computes
+    its own indices exactly as without this transform. A label with no labelled voxel at all gets every voxel
+    as a background candidate (its crops carry no loss; the slice is simply uninformative).
+
+    Args:
+        keys: the label key(s), channel-first ``(1, H, W[, D])`` maps of class indices.
+        ignore_index: the value of unlabelled voxels (e.g. 255), or None.
+    """
+
+    def __init__(self, keys: KeysCollection, ignore_index: int | None = None) -> None:
+        super().__init__(keys)
+        self.ignore_index = ignore_index
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.ignore_index is None:
+            return d
+        for key in self.key_iterator(d):
+            label = convert_to_tensor(d[key], track_meta=False)
+            labelled = label != self.ignore_index
+            foreground = (label > 0) & labelled
+            if not bool(labelled.any()):
+                labelled = torch.ones_like(labelled)
+            # MONAI's own split: foreground = labelled classes > 0, background = the rest of the labelled voxels
+            fg, bg = map_binary_to_indices(foreground, image=labelled, image_threshold=0)
+            d[f"{key}_fg_indices"], d[f"{key}_bg_indices"] = fg, bg
+        return d

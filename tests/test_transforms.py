@@ -283,3 +283,54 @@ def test_fixed_augment_output_is_cached_by_cache_dataset():
     for i in range(3):
         torch.testing.assert_close(ds[i]["image"], items[i]["image"] + 1)
     assert len(calls) == 3  # served from the cache, not recomputed
+
+
+# ------------------------------------------------------------------------------------------
+# sparse labels: crops centred on labelled voxels (LabelledIndicesd + MONAI's RandCropByPosNegLabeld)
+
+
+def _sparse_crops(ignore_index, with_indices: bool = True, n: int = 200, seed: int = 0) -> list[dict]:
+    """``n`` (16, 16) crops of a (1, 64, 64) slice labelled only in its top-left (24, 24) box (the rest 255);
+    the image holds each voxel's flat index, so a crop's centre tells where it was drawn."""
+    from monai.transforms import RandCropByPosNegLabeld
+
+    from custom.transforms import LabelledIndicesd
+
+    label = torch.full((1, 64, 64), 255.0)
+    label[:, :24, :24] = 0
+    label[:, 4:10, 4:10] = 1
+    image = torch.arange(64 * 64, dtype=torch.float32).reshape(1, 64, 64)
+    crop = RandCropByPosNegLabeld(
+        keys=["image", "label"], label_key="label", spatial_size=[16, 16], pos=0.8, neg=0.2,
+        fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
+    )
+    chain = Compose([LabelledIndicesd("label", ignore_index=ignore_index), crop] if with_indices else [crop])
+    chain.set_random_state(seed)
+    return [chain({"image": image, "label": label})[0] for _ in range(n)]
+
+
+def test_sparse_crops_are_centred_on_labelled_voxels():
+    crops = _sparse_crops(255)
+    centres = [int(c["image"][0, 8, 8]) for c in crops]
+    rows, cols = np.divmod(np.array(centres), 64)
+    assert ((rows < 24) & (cols < 24)).all()  # every centre in the labelled box
+    on_class = np.mean([float(c["label"][0, 8, 8]) == 1.0 for c in crops])
+    assert 0.65 < on_class < 0.95  # foreground_crop_prob 0.8 of them on a labelled class, the rest on labelled 0
+    # without the labelled indices MONAI's "label > 0" takes the unlabelled 255 for foreground
+    plain = [int(c["image"][0, 8, 8]) for c in _sparse_crops(255, with_indices=False)]
+    prow, pcol = np.divmod(np.array(plain), 64)
+    assert ((prow >= 24) | (pcol >= 24)).mean() > 0.5
+
+
+def test_a_wholly_unlabelled_slice_still_crops():
+    from custom.transforms import LabelledIndicesd
+
+    out = LabelledIndicesd("label", ignore_index=255)({"label": torch.full((1, 8, 8), 255.0)})
+    assert out["label_fg_indices"].numel() == 0 and out["label_bg_indices"].numel() == 64
+
+
+def test_without_ignore_index_the_crops_are_todays():
+    same = _sparse_crops(None, with_indices=True, n=30, seed=5)
+    today = _sparse_crops(None, with_indices=False, n=30, seed=5)
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]) for a, b in zip(same, today))
+    assert "label_fg_indices" not in same[0]

@@ -1,6 +1,8 @@
 """Checking a dataset before training, so a bad file costs seconds, not a run: every file readable,
 image and label shapes equal, label values class indices (:func:`validate_items`), and some
-training label holding a foreground class (:func:`check_foreground`)."""
+training label holding a foreground class (:func:`check_foreground`). With sparse labels the
+``ignore_index`` value marks unlabelled voxels: it is accepted as not-a-class and never counts as
+foreground."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def _check_image_values(path: str, arr: np.ndarray) -> None:
         raise dataset_error(path, f"unsupported pixel type {arr.dtype}")
 
 
-def _check_label_values(path: str, arr: np.ndarray, num_classes: int | None) -> None:
+def _check_label_values(path: str, arr: np.ndarray, num_classes: int | None, ignore_index: int | None = None) -> None:
     if arr.dtype == bool:
         vmin, vmax = int(arr.min()), int(arr.max())
     elif np.issubdtype(arr.dtype, np.integer):
@@ -40,11 +42,16 @@ def _check_label_values(path: str, arr: np.ndarray, num_classes: int | None) -> 
         vmin, vmax = int(arr.min()), int(arr.max())
     else:
         raise dataset_error(path, f"label dtype {arr.dtype} is not numeric")
+    if ignore_index is not None and vmax >= int(ignore_index) >= vmin:
+        classes = arr[arr != ignore_index]  # the unlabelled value is not a class: check the others
+        vmin, vmax = (int(classes.min()), int(classes.max())) if classes.size else (0, 0)
     if vmin < 0:
         raise dataset_error(path, f"label holds negative values (min {vmin}); expected class indices 0, 1, 2, ...")
     if num_classes is not None and vmax >= int(num_classes):
+        unlabelled = "" if ignore_index is None else f" or {int(ignore_index)} (ignore_index: unlabelled)"
         raise dataset_error(
-            path, f"label values up to {vmax} but num_classes is {int(num_classes)} (expected 0..{int(num_classes) - 1})"
+            path,
+            f"label values up to {vmax} but num_classes is {int(num_classes)} (expected 0..{int(num_classes) - 1}{unlabelled})",
         )
 
 
@@ -55,6 +62,7 @@ def validate_items(
     label_key: str = "label",
     check_data: bool = True,
     h5_keys: Mapping[str, str] | None = None,
+    ignore_index: int | None = None,
 ) -> None:
     """Check a dataset list once, before training, so a bad file costs seconds, not a run.
 
@@ -70,6 +78,7 @@ def validate_items(
         check_data: False checks headers only (for very large corpora).
         h5_keys: default HDF5 dataset per entry, e.g. ``{"image": "volume"}`` (as
             ``LoadEMSliced(h5_keys=...)``); an item's ``"<key>_key"`` wins.
+        ignore_index: the label value of unlabelled voxels (sparse labels), accepted besides the classes.
 
     Raises:
         DatasetError: ``"<path>: <problem>"`` for the first unreadable/truncated file,
@@ -104,24 +113,32 @@ def validate_items(
         if (lab, lab_key, "label") not in seen:
             seen.add((lab, lab_key, "label"))
             if check_data:
-                _check_label_values(lab, read_em(lab, lab_key, "label"), num_classes)
+                _check_label_values(lab, read_em(lab, lab_key, "label"), num_classes, ignore_index)
 
 
-def no_foreground_error(where: PathLike, n_pixels: int, n_files: int | None = None, hint: str | None = None) -> DatasetError:
+def no_foreground_error(
+    where: PathLike, n_pixels: int, n_files: int | None = None, hint: str | None = None, ignore_index: int | None = None
+) -> DatasetError:
     """The one-line refusal of training labels without any foreground pixel (every value 0).
 
     Nothing to learn: the run would end with a model that predicts background everywhere. Usually
     a mask convention (foreground stored as a value the preparation did not map to a class) or
     empty annotation files. Shared by :func:`check_foreground` (bundles) and the dataset
-    preparation (``scripts/prepare``).
+    preparation (``scripts/prepare``). With ``ignore_index`` the pixels are 0 or that unlabelled value.
     """
     files = f" of {n_files} file(s)" if n_files is not None else ""
     hint = hint or "label the foreground as class 1, 2, ... (0 is background)"
-    return dataset_error(where, f"no training label holds a foreground class (all {int(n_pixels)} pixels{files} are 0); {hint}")
+    values = "0" if ignore_index is None else f"0 or {int(ignore_index)} (ignore_index: unlabelled)"
+    return dataset_error(
+        where, f"no training label holds a foreground class (all {int(n_pixels)} pixels{files} are {values}); {hint}"
+    )
 
 
 def check_foreground(
-    items: Iterable[Mapping | PathLike], label_key: str = "label", h5_keys: Mapping[str, str] | None = None
+    items: Iterable[Mapping | PathLike],
+    label_key: str = "label",
+    h5_keys: Mapping[str, str] | None = None,
+    ignore_index: int | None = None,
 ) -> int:
     """Refuse a training set whose labels hold no foreground class at all, before training.
 
@@ -133,9 +150,10 @@ def check_foreground(
             names), as ``train#dataset#data``; or bare label paths.
         label_key: the items' label entry.
         h5_keys: default HDF5 dataset per entry (an item's ``"<label_key>_key"`` wins).
+        ignore_index: the value of unlabelled voxels (sparse labels): not foreground.
 
     Returns:
-        the number of foreground pixels found in the first label that has any.
+        the number of (labelled) foreground pixels found in the first label that has any.
 
     Raises:
         DatasetError: ``"<label folder>: no training label holds a foreground class (all N pixels
@@ -156,7 +174,7 @@ def check_foreground(
             continue
         seen.add((path, key))
         arr = read_em(path, key, "label")
-        found = int(np.count_nonzero(arr))
+        found = int(np.count_nonzero(arr if ignore_index is None else (arr != 0) & (arr != ignore_index)))
         if found:
             return found
         n_pixels += int(arr.size)
@@ -164,4 +182,4 @@ def check_foreground(
     if not paths:
         return 0
     where = paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths])
-    raise no_foreground_error(where, n_pixels, len(paths))
+    raise no_foreground_error(where, n_pixels, len(paths), ignore_index=ignore_index)
