@@ -308,7 +308,7 @@ def transfer_pretrained(
         )
         return model
     if transfer != "none":
-        require_pretrained(path, transfer)
+        require_pretrained(path, transfer, continue_from)
         sd = _fit_position_embeddings(read_state_dict(path), model)
         model_sd = model.state_dict()
         chosen = {k: v for k, v in sd.items() if _selected(k, transfer) and k in model_sd}
