@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 BUNDLES = ("retina_finetune", "retina_pretrain")
 MAX_LINES, MAX_EXPRESSIONS, MAX_LENGTH = 350, 30, 100
 

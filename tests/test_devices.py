@@ -4,7 +4,6 @@ autocast, and the peak memory a training reports (CPU measured for real here).""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ from monai.bundle import ConfigParser
 
 from custom.devices import amp_supported, ddp_device_ids, peak_memory_mb, pick_device
 from custom.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _machine(monkeypatch, cuda: bool, mps: bool) -> None:

@@ -12,7 +12,6 @@ names, and (b) appends one ``finalize`` line that writes what each rank did to `
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,22 +21,15 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-REPO = Path(__file__).resolve().parents[1]
-FINETUNE = REPO / "bundles" / "retina_finetune"
-CONFIGS = FINETUNE / "configs"
+from tests.helpers import FT, bundle_env
+
+CONFIGS = FT / "configs"
 ORDER = ["train", "multi_gpu_train", "demo"]  # the README's order: demo's small-model overrides come last
 
 
 def _config_file(names, *extra: Path) -> str:
     """``--config_file`` value as the README writes it (relative to the bundle folder), plus extra files."""
     return "[" + ",".join([f"'configs/{n}.json'" for n in names] + [f"'{p}'" for p in extra]) + "]"
-
-
-def _env() -> dict:
-    """One intra-op thread per process (2 shared cores); no inherited MLflow store."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
 def torchrun_cmd(config_file: str, *args: str, launcher: tuple = ("--standalone", "--nnodes", "1", "--nproc_per_node", "2")) -> list[str]:
@@ -50,7 +42,7 @@ def torchrun_bundle(bundle: Path, config_file: str, *args: str, timeout: float =
                     ) -> subprocess.CompletedProcess:
     """The README's single-node command with 2 processes, run from ``bundle``'s folder (``trusted``: a folder
     whose config overlays may hold code, ``$RETINA_TRUSTED_CONFIGS``, see custom/overlays.py)."""
-    env = {**_env(), **({"RETINA_TRUSTED_CONFIGS": str(trusted)} if trusted else {})}
+    env = {**bundle_env(), **({"RETINA_TRUSTED_CONFIGS": str(trusted)} if trusted else {})}
     return subprocess.run(torchrun_cmd(config_file, *args), cwd=bundle, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -141,7 +133,7 @@ def test_finetune_ddp_two_cpu_processes(tmp_path, pretrained):
     (tmp_path / "rank_overlay.json").write_text(json.dumps(overlay))
     t0 = time.time()
     res = torchrun_bundle(
-        FINETUNE, _config_file(ORDER, tmp_path / "rank_overlay.json"),
+        FT, _config_file(ORDER, tmp_path / "rank_overlay.json"),
         "--bundle_root", str(root), "--pretrained_path", str(pretrained),
         "--iterations", "20", "--val_interval", "10", "--log_interval", "5",
         "--tracking", "mlflow", "--tracking_uri", uri, "--experiment_name", "retina_finetune_ddp", trusted=tmp_path,
@@ -219,7 +211,7 @@ def test_finetune_two_node_rendezvous_as_slurm_runs_it(tmp_path, pretrained):
     cmd = torchrun_cmd(_config_file(ORDER), "--bundle_root", str(tmp_path / "bundle"), "--pretrained_path", str(pretrained),
                        "--iterations", "10", "--val_interval", "10", launcher=launcher)
     t0 = time.time()
-    nodes = [subprocess.Popen(cmd, cwd=FINETUNE, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    nodes = [subprocess.Popen(cmd, cwd=FT, env=bundle_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     try:
         logs = [p.communicate(timeout=400)[0] for p in nodes]

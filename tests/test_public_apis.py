@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CUSTOM = ROOT / "custom"
+from tests.helpers import REPO
+
+CUSTOM = REPO / "custom"
 PRIVATE = re.compile(r"^_[a-z]")
 LIBRARIES = ("monai", "ignite", "torch", "mlflow")
 

@@ -11,10 +11,10 @@ import pytest
 from custom.checkpoints import FREEZE_MODES, TRANSFER_MODES
 from custom.errors import ConfigError
 from custom.intensity import MAPPINGS
-from custom.settings import check_values, given_values, load_schema
 from custom.networks import PRESETS
+from custom.settings import check_values, given_values, load_schema
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"retina_finetune": ("train", "evaluate", "inference", "demo"), "retina_pretrain": ("train", "inference", "demo")}
 
 
