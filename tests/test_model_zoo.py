@@ -7,21 +7,20 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from custom.checkpoints import load_weights
 from custom.networks import transunet_from_preset
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {"retina_pretrain": "reconstruction", "retina_finetune": "segmentation"}
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLES))
 def test_folder_and_naming_conventions(name):
-    b = ROOT / "bundles" / name
+    b = REPO / "bundles" / name
     for f in ["configs/metadata.json", "configs/train.json", "configs/inference.json", "configs/multi_gpu_train.json",
               "configs/logging.conf", "docs/README.md", "LICENSE"]:
         assert (b / f).is_file(), f
@@ -34,7 +33,7 @@ def test_folder_and_naming_conventions(name):
 
 @pytest.mark.parametrize("name", sorted(BUNDLES))
 def test_ckpt_export_torchscript_matches_eager(name, tmp_path):
-    b = ROOT / "bundles" / name
+    b = REPO / "bundles" / name
     head = BUNDLES[name]
     torch.manual_seed(0)
     model = transunet_from_preset("tiny", img_size=64, head=head).eval()

@@ -29,6 +29,7 @@ from custom.io import DatasetError, pair_images_labels, read_em, write_em
 from scripts.prepare import (
     CREMI_BACKGROUND_ID,
     OptionError,
+    Reporter,
     binary_mask,
     check_cem500k,
     class_indices,
@@ -41,11 +42,10 @@ from scripts.prepare import (
     prepare_kasthuri,
     prepare_perez,
     prepare_urocell,
-    Reporter,
 )
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
+SCRIPTS = REPO / "scripts"
 BG = np.uint64(CREMI_BACKGROUND_ID)
 QUIET = Reporter("test", quiet=True)
 
@@ -386,7 +386,7 @@ def test_wrong_source_is_one_line_error(runs):
 def test_prepared_dataset_overlays_the_bundle_config(runs):
     """dataset.json merged after the bundle's train.json sets the dataset's entries, and the
     bundle's own pairing and validation accept the written layout."""
-    train_json = ROOT / "bundles" / "retina_finetune" / "configs" / "train.json"
+    train_json = REPO / "bundles" / "retina_finetune" / "configs" / "train.json"
     if not train_json.is_file():
         pytest.skip("retina_finetune bundle not present")
     from monai.bundle import ConfigParser

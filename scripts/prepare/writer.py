@@ -17,9 +17,16 @@ import numpy as np
 
 from custom.io import DatasetError, no_foreground_error, write_em
 from custom.overlays import check_plain_config
-from custom.utils import atomic_path
+from custom.utils import atomic_path, is_within
 
-from .common import OptionError, Reporter, check_fraction, check_val_by, holdout_count, holdout_indices
+from .common import (
+    OptionError,
+    Reporter,
+    check_fraction,
+    check_val_by,
+    holdout_count,
+    holdout_indices,
+)
 from .recipes import Recipe
 
 SPLITS = ("train", "val", "test")
@@ -40,11 +47,6 @@ def _safe_name(name: str) -> str:
     names are inert in a bundle config too)."""
     out = _SAFE.sub("_", str(name)).strip("._")
     return out or "image"
-
-
-def _is_within(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _bincount(arr: np.ndarray, minlength: int) -> np.ndarray:
@@ -124,7 +126,7 @@ class DatasetWriter:
 
     def _prepare_folder(self, overwrite: bool) -> None:
         dst, src = os.fspath(self.dst), self.source
-        if _is_within(dst, src) or _is_within(src, dst):
+        if is_within(dst, src) or is_within(src, dst):
             raise DatasetError(f"{dst}: the output folder must lie outside the source folder {src} and not contain it")
         if self.dst.exists() and not self.dst.is_dir():
             raise DatasetError(f"{dst}: exists and is not a folder")
