@@ -2,7 +2,8 @@
 
     python scripts/bench_inference.py [--shape 64,1024,1024] [--preset retina] [--roi_size 224]
         [--overlap 0.25] [--blend_mode gaussian] [--sw_batch_size 8] [--precision auto]
-        [--channels_last true] [--compile false] [--naive true] [--profile true] [--device cpu]
+        [--channels_last true] [--compile false] [--fit_roi false] [--naive true] [--naive_orthoplane true]
+        [--profile true] [--device cpu]
 
 On a synthetic volume (random weights: speed does not depend on them) it prints, one ``name: value``
 line each: the fp32 and bf16 matmul roofline (a large ``torch.matmul``, measured now), the network's
@@ -32,6 +33,18 @@ from custom.inference import SliceWiseInferer
 from custom.networks import autocast_dtype, native_bf16, transunet_from_preset
 
 NAIVE = dict(roi_size=224, overlap=0.5, mode="constant", sw_batch_size=4)
+
+
+class Figures(dict):
+    """The figures, each printed as a ``name: value`` line the moment it is measured (long runs show progress)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
+
+    def update(self, other: dict) -> None:  # type: ignore[override]
+        for key, value in other.items():
+            self[key] = value
 
 
 class CountingNetwork(torch.nn.Module):
@@ -80,7 +93,7 @@ def naive_volume(network: torch.nn.Module, vol: torch.Tensor, roi_size: int = NA
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1)
 
 
-def naive_orthoplane(network: torch.nn.Module, vol: torch.Tensor, roi_size: int = NAIVE["roi_size"]) -> torch.Tensor:
+def naive_orthoplane_volume(network: torch.nn.Module, vol: torch.Tensor, roi_size: int = NAIVE["roi_size"]) -> torch.Tensor:
     """The naive protocol along z, y and x, probabilities averaged."""
     planes = [naive_volume(network, vol.movedim(axis, 2), roi_size).movedim(2, axis) for axis in (2, 3, 4)]
     return sum(planes) / 3
@@ -110,6 +123,15 @@ def profile_table(fn: Callable[[], Any], rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def _flag(value: Any) -> bool:
+    """A command-line switch: fire passes ``--x false`` as the string "false"."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise SystemExit(f"expected true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return bool(value)
+
+
 def _shape(shape: Any) -> tuple[int, int, int]:
     dims = tuple(int(s) for s in (shape.split(",") if isinstance(shape, str) else shape))
     if len(dims) != 3:
@@ -130,6 +152,7 @@ def main(
     fit_roi: bool = False,
     orthoplane: bool = True,
     naive: bool = True,
+    naive_orthoplane: bool = True,
     profile: bool = True,
     iters: int = 3,
     device: str = "cpu",
@@ -140,14 +163,18 @@ def main(
     """``naive_roi_size`` other than 224 is for smoke tests only (the naive protocol is 224 windows)."""
     dev = torch.device(device)
     z, y, x = _shape(shape)
+    channels_last, compile, fit_roi = _flag(channels_last), _flag(compile), _flag(fit_roi)
+    orthoplane, naive, naive_orthoplane, profile = _flag(orthoplane), _flag(naive), _flag(naive_orthoplane), _flag(profile)
     torch.manual_seed(seed)
     network = transunet_from_preset(preset, out_channels=1).to(dev).eval()
     counted = CountingNetwork(network).eval()
     vol = torch.randn(1, 1, z, y, x, device=dev)
-    res: dict = {"shape": f"{z}x{y}x{x}", "voxels": z * y * x, "threads": torch.get_num_threads(),
-                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
-                 "native_bf16": native_bf16(dev),
-                 "autocast": str(autocast_dtype(precision, dev)).replace("torch.", "") if autocast_dtype(precision, dev) else "fp32"}
+    res = Figures()
+    cast = autocast_dtype(precision, dev)
+    res.update({"shape": f"{z}x{y}x{x}", "voxels": z * y * x, "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
+                "native_bf16": native_bf16(dev), "autocast": str(cast).replace("torch.", "") if cast else "fp32"})
 
     res["matmul_fp32_gflops"] = matmul_gflops(torch.float32, dev, n=matmul_size)
     res["matmul_bf16_gflops"] = matmul_gflops(torch.bfloat16, dev, n=matmul_size)
@@ -185,13 +212,11 @@ def main(
                 lambda: counted.windows)
         res["xy_speedup_new_over_naive"] = res["new_xy_voxels_per_s"] / res["naive_xy_voxels_per_s"]
         res["gflops_ratio_new_over_naive"] = res["new_xy_model_gflops"] / res["naive_xy_model_gflops"]
-        if orthoplane:
-            measure("naive_orthoplane", lambda: naive_orthoplane(counted, vol, naive_roi_size), naive_roi_size, 3,
+        if orthoplane and naive_orthoplane:
+            measure("naive_orthoplane", lambda: naive_orthoplane_volume(counted, vol, naive_roi_size), naive_roi_size, 3,
                     lambda: counted.windows)
             res["orthoplane_speedup_new_over_naive"] = (res["new_orthoplane_voxels_per_s"]
                                                         / res["naive_orthoplane_voxels_per_s"])
-    for key, value in res.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     if profile:
         one = vol[:, :, : max(1, min(z, 2))]
         print("profile (new xy, first 2 slices), top ops by self CPU time:")
