@@ -25,7 +25,10 @@ from typing import Any, Callable
 
 import fire
 import torch
-from bench_network import _sync, matmul_gflops  # the same roofline as scripts/bench_network.py
+from bench_network import (  # the same roofline as scripts/bench_network.py
+    _sync,
+    matmul_gflops,
+)
 from monai.inferers import SlidingWindowInferer
 from torch.utils.flop_counter import FlopCounterMode
 
