@@ -28,6 +28,7 @@ class StdConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("folded_weight", None, persistent=False)
+        self.register_load_state_dict_post_hook(_drop_fold)  # new weights: the fold is stale
 
     def standardised_weight(self) -> torch.Tensor:
         """The weight (cout, cin, kh, kw) standardised per output channel."""
@@ -54,16 +55,16 @@ class StdConv2d(nn.Conv2d):
             self.unfold()
         return super().train(mode)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.unfold()  # new weights: the fold is stale
-        super()._load_from_state_dict(*args, **kwargs)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         folded = self.folded_weight
         if folded is None or self.training:
             return F.conv2d(x, self.standardised_weight(), self.bias, self.stride, self.padding, self.dilation,
                             self.groups)
         return F.conv2d(x, folded, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _drop_fold(module: StdConv2d, incompatible_keys) -> None:
+    module.unfold()
 
 
 def _gn(channels: int) -> nn.GroupNorm:
