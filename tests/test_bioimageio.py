@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 SCRIPT = REPO / "scripts" / "export_bioimageio.py"
 # a 12-bit-like record: the spec's scale_linear must map [100, 4000] onto [0, 1] as MapIntensityd does
 RECORD = {"mapping": "percentile", "low": 100.0, "high": 4000.0, "mean": 0.45, "std": 0.21, "fingerprint": None}

@@ -12,13 +12,12 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.inferers import SlidingWindowInferer
 
-from custom.io import read_em, write_em
 from custom.errors import ConfigError, OutputError
 from custom.inference import InferenceError, SliceWiseInferer, list_inputs, output_path
+from custom.io import read_em, write_em
 from custom.networks import transunet_from_preset
 from custom.utils import plane_list
-
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "retina_finetune"
+from tests.helpers import FT, run_workflow
 
 
 class _Conv(torch.nn.Module):
@@ -119,21 +118,11 @@ def _bundle_root(tmp_path: Path, num_classes: int = 1, seed: int = 0) -> Path:
 
 
 def run_inference(root: Path, input_path, **overrides) -> ConfigWorkflow:
-    """Run inference.json (tiny preset, 64 px windows) in-process, as ``monai.bundle run`` would."""
-    args = dict(preset="tiny", crop_size=64, overlap=0.25, progress=False, output_dir=str(root / "out"))
+    """Run inference.json (tiny preset, 64 px windows) in-process, as ``monai.bundle run`` would
+    (:func:`tests.helpers.run_workflow` with these defaults)."""
+    args = {"preset": "tiny", "crop_size": 64, "overlap": 0.25, "progress": False, "output_dir": str(root / "out")}
     args.update(overrides)
-    wf = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=False,
-        bundle_root=str(root),
-        input=str(input_path),
-        **args,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
+    return run_workflow(FT, ["inference"], root, input=str(input_path), **args)
 
 
 def _volume(shape=(4, 40, 56), seed=0) -> np.ndarray:

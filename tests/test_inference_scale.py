@@ -20,10 +20,11 @@ from custom.io import read_em, write_em
 from custom.io.formats import open_volume, voxel_of
 from custom.io.lazy import to_unit
 from custom.networks import transunet_from_preset
+from tests.helpers import FT, REPO, run_workflow
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles" / "retina_finetune"
-CONFIG = BUNDLE / "configs" / "inference.json"
+CONFIG = FT / "configs" / "inference.json"
+#: inference.json settings of these tests: tiny preset, 64 px windows, no progress bars
+DEFAULTS = {"preset": "tiny", "crop_size": 64, "overlap": 0.25, "progress": False}
 NM = ("nanometer",) * 3
 
 
@@ -37,18 +38,12 @@ def _bundle_root(tmp_path: Path, num_classes: int = 1) -> Path:
 
 
 def _settings(root: Path, out: str, **overrides) -> dict:
-    args = dict(preset="tiny", crop_size=64, overlap=0.25, progress=False, output_dir=out, bundle_root=str(root))
-    args.update(overrides)
-    return args
+    return {**DEFAULTS, "output_dir": out, "bundle_root": str(root), **overrides}
 
 
 def run_inference(root: Path, input_path, out: str, **overrides) -> ConfigWorkflow:
-    wf = ConfigWorkflow(config_file=str(CONFIG), meta_file=str(BUNDLE / "configs" / "metadata.json"),
-                        logging_file=False, input=str(input_path), **_settings(root, out, **overrides))
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
+    """inference.json in-process (:func:`tests.helpers.run_workflow`) with :data:`DEFAULTS`, writing to ``out``."""
+    return run_workflow(FT, ["inference"], root, input=str(input_path), **{**DEFAULTS, "output_dir": out, **overrides})
 
 
 def _volume(shape=(6, 48, 56), seed=0) -> np.ndarray:
@@ -185,7 +180,7 @@ def test_killed_dask_run_resumes(tmp_path):
     root = _bundle_root(tmp_path)
     src = write_em(tmp_path / "v.ome.zarr", _volume((24, 128, 128), seed=7))
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "scripts" / "infer_dask.py"), "--input", src, "--output_dir", str(out),
+    cmd = [sys.executable, str(REPO / "scripts" / "infer_dask.py"), "--input", src, "--output_dir", str(out),
            "--bundle_root", str(root), "--processes", "False", "--n_workers", "1", "--preset", "tiny",
            "--crop_size", "64", "--overlap", "0.7", "--progress", "False", "--block_shape", "[1,None,None]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -222,7 +217,7 @@ def peak_rss_mb(root: Path, src: str, out: Path) -> float:
            "--bundle_root", str(root), "--input", src, "--output_dir", str(out), "--preset", "tiny",
            "--crop_size", "64", "--overlap", "0.25", "--progress", "False", "--sw_batch_size", "16",
            "--block_shape", "[4,None,None]"]  # both volumes span several blocks: memory is one block's
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=BUNDLE)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=FT)
     assert res.returncode == 0, res.stderr[-2000:]
     return int(res.stdout.split()[-1]) / 1024
 

@@ -19,8 +19,7 @@ import tifffile
 import torch
 
 from custom.networks import transunet_from_preset
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.fixture()
@@ -49,9 +48,9 @@ def test_package_download_and_run_inference(tmp_path, http_dir):
     torch.manual_seed(0)
     torch.save(transunet_from_preset("tiny", img_size=64).state_dict(), weights)
     r = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "retina_finetune", "--out", str(www),
+        [sys.executable, str(REPO / "scripts" / "package_bundle.py"), "retina_finetune", "--out", str(www),
          "--weights", str(weights), "--url_base", url, "--overlay", "configs/demo.json"],  # tiny demo weights
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True, text=True, cwd=tmp_path, check=False,
     )
     assert r.returncode == 0, r.stderr
     assert "loads strictly into the network of inference.json, train.json" in r.stdout, r.stdout
@@ -103,8 +102,8 @@ def test_package_download_and_run_inference(tmp_path, http_dir):
 
 
 def test_package_refuses_unknown_bundle(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "nope", "--out", str(tmp_path)],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "package_bundle.py"), "nope", "--out", str(tmp_path)],
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "not a bundle" in r.stderr
 
 
@@ -122,7 +121,7 @@ def test_package_refuses_weights_that_do_not_fit_the_bundles_configs(tmp_path, b
     weights = tmp_path / "model.pt"
     torch.manual_seed(0)
     torch.save(transunet_from_preset("tiny", img_size=64, head=head, out_channels=out_channels).state_dict(), weights)
-    cmd = [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), bundle, "--out", str(tmp_path / "dist"),
+    cmd = [sys.executable, str(REPO / "scripts" / "package_bundle.py"), bundle, "--out", str(tmp_path / "dist"),
            "--weights", str(weights)] + (["--overlay", overlay] if overlay else [])
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
