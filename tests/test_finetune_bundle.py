@@ -13,16 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from custom.checkpoints import CheckpointError
 from custom.io import read_em, write_em
 from custom.networks import decode_record, transunet_from_preset
+from tests.helpers import FT, REPO, run_workflow
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "retina_finetune"
-CONFIGS = BUNDLE / "configs"
+CONFIGS = FT / "configs"
 META = str(CONFIGS / "metadata.json")
 
 
@@ -36,15 +34,6 @@ def _parser(*names: str, **overrides) -> ConfigParser:
     parser.read_config(_configs(*names))
     parser.update(overrides)
     return parser
-
-
-def _workflow(names, root: Path, **overrides) -> ConfigWorkflow:
-    """``monai.bundle run`` in-process: initialise, run and finalise ``names`` merged in order."""
-    wf = ConfigWorkflow(config_file=_configs(*names), meta_file=META, logging_file=False, bundle_root=str(root), **overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
 
 
 def _cause(exc: BaseException, kind: type) -> BaseException | None:
@@ -85,8 +74,8 @@ def test_network_in_out_verifies():
 def test_bundle_layout_and_standard_ids():
     for name in ("metadata.json", "train.json", "demo.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "logging.conf"):
         assert (CONFIGS / name).is_file(), name
-    assert (BUNDLE / "docs" / "README.md").is_file() and (BUNDLE / "LICENSE").is_file()
-    assert "Apache License" in (BUNDLE / "LICENSE").read_text()
+    assert (FT / "docs" / "README.md").is_file() and (FT / "LICENSE").is_file()
+    assert "Apache License" in (FT / "LICENSE").read_text()
     train = _parser("train")
     for i in (
         "bundle_root", "device", "dataset_dir", "network_def", "network", "loss", "optimizer", "lr_scheduler",
@@ -216,7 +205,7 @@ def test_demo_train_evaluate_infer_with_tracking(tmp_path):
     root = tmp_path / "retina_finetune"
     _pretrain_checkpoint(tmp_path / "retina_pretrain" / "models" / "model.pt")
     common = dict(iterations=12, val_interval=6, demo_shape=[6, 96, 96])
-    wf = _workflow(["train", "demo"], root, tracking="mlflow", **common)
+    wf = run_workflow(FT, ["train", "demo"], root, tracking="mlflow", **common)
     best = wf.parser.get_parsed_content("validate#evaluator").state.best_metric
     assert 0.0 <= best <= 1.0
     assert (root / "models" / "model.pt").is_file() and (root / "models" / "model_final.pt").is_file()
@@ -240,13 +229,13 @@ def test_demo_train_evaluate_infer_with_tracking(tmp_path):
     assert {"overlays", "model"} <= artifacts
     assert len(client.list_artifacts(run.info.run_id, "overlays")) == 4
 
-    _workflow(["train", "evaluate", "demo"], root, **common)
+    run_workflow(FT, ["train", "evaluate", "demo"], root, **common)
     summary = json.loads((root / "eval" / "evaluation" / "eval_summary.json").read_text())
     assert set(summary["mean"]) == {"mitochondrion", "mean"}
     assert {"iou", "f1", "precision", "recall", "mfd"} <= set(summary["mean"]["mean"])
     assert (root / "eval" / "evaluation" / "eval_metrics.csv").is_file()
 
-    _workflow(["inference", "demo"], root, progress=False)
+    run_workflow(FT, ["inference", "demo"], root, progress=False)
     out = read_em(root / "outputs" / "vol0_seg.tif")
     assert out.shape == read_em(root / "demo_data" / "val" / "labels" / "vol0.tif").shape == (6, 96, 96)
 
@@ -261,7 +250,8 @@ def test_multiclass_training_guay(tmp_path, shared_dir):
     if not data.is_dir():
         pytest.skip(f"{data} not present")
     names = {str(i): n for i, n in enumerate(["background", "cell", "mitochondrion", "alpha_granule", "canalicular_vessel", "dense_granule", "dense_granule_core"])}
-    wf = _workflow(
+    wf = run_workflow(
+        FT,
         ["train", "demo"],
         tmp_path,
         dataset_dir=str(data),
@@ -314,8 +304,8 @@ def test_cdeep3m_finetune_beats_baselines(tmp_path, shared_dir):
     # during training, validate on 2 of the 10 validation slices (the full set is evaluated below)
     subset = {"validate#dataset#data": "$custom.io.slice_items(@val_items[:2], planes='xy', keys=('image', 'label'))"}
     start = time.time()
-    _workflow(["train", "demo"], tmp_path, **common, **subset)
-    _workflow(["train", "evaluate", "demo"], tmp_path, eval_overlap=0.25, distances=False, **common)
+    run_workflow(FT, ["train", "demo"], tmp_path, **common, **subset)
+    run_workflow(FT, ["train", "evaluate", "demo"], tmp_path, eval_overlap=0.25, distances=False, **common)
     summary = json.loads((tmp_path / "eval" / "evaluation" / "eval_summary.json").read_text())
     iou = summary["mean"]["mitochondrion"]["iou"]
     labels = np.stack([read_em(p) for p in sorted((data / "validation" / "labels").glob("*.png"))])
