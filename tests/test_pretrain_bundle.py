@@ -20,34 +20,18 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from custom.io import DatasetError, pretraining_datalist
 from custom.handlers import latest_checkpoint
+from custom.io import DatasetError, pretraining_datalist
 from custom.synthetic import write_unlabelled_demo
+from tests.helpers import PRE, TRAIN, bundle_env, iterations
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "retina_pretrain"
-CONFIGS = BUNDLE / "configs"
-DEMO = "['configs/train.json','configs/demo.json']"
-STATS_RE = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- train_loss")
-
-
-def _env() -> dict:
-    """Subprocess environment: one intra-op thread (on a small shared CPU, several OpenMP threads
-    slow the tiny model down many times over when another process takes a core)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
+CONFIGS = PRE / "configs"
 
 
 def _bundle_run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = _env()
+    env = bundle_env()
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
-    return subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _iterations(log: str) -> list[int]:
-    """Global iterations of the StatsHandler lines ``Epoch: e/E, Iter: i/L -- train_loss``."""
-    return [(int(e) - 1) * int(n) + int(i) for e, i, n in STATS_RE.findall(log)]
+    return subprocess.run(cmd, cwd=PRE, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +119,7 @@ def test_datalist_split_is_by_file_deterministic_and_errors_are_one_line(demo_da
 
 
 def test_bad_dataset_fails_before_training_with_one_line(tmp_path):
-    res = _bundle_run("--config_file", DEMO, "--bundle_root", str(tmp_path), "--dataset_dir", str(tmp_path / "missing"))
+    res = _bundle_run("--config_file", TRAIN, "--bundle_root", str(tmp_path), "--dataset_dir", str(tmp_path / "missing"))
     assert res.returncode != 0
     err = [line for line in res.stderr.splitlines() if line.strip() and "parsing config_file" not in line]
     assert len(err) == 1 and "dataset error" in err[0] and "missing" in err[0], res.stderr
@@ -153,7 +137,7 @@ def demo_run(tmp_path_factory, demo_data):
     (root / "mlruns").mkdir()
     t0 = time.time()
     res = _bundle_run(
-        "--config_file", DEMO, "--bundle_root", str(root), "--demo_dir", str(demo_data),
+        "--config_file", TRAIN, "--bundle_root", str(root), "--demo_dir", str(demo_data),
         "--tracking", "mlflow", "--tracking_uri", uri, "--experiment_name", "retina_pretrain_test",
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -233,14 +217,14 @@ def test_inference_reconstructs_a_folder(demo_run, demo_data, tmp_path):
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, demo_data):
-    common = ["--config_file", DEMO, "--bundle_root", str(tmp_path), "--demo_dir", str(demo_data),
+    common = ["--config_file", TRAIN, "--bundle_root", str(tmp_path), "--demo_dir", str(demo_data),
               "--val_interval", "10", "--log_interval", "1"]
     ckpt_dir = tmp_path / "outputs" / "checkpoints"
-    env = _env()
+    env = bundle_env()
     # the same command twice (a resume with other settings is refused: tests/test_runs.py); the
     # kill comes at the first checkpoint, long before iteration 200
     proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *common, "--iterations", "200"],
-                            cwd=BUNDLE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=PRE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         while latest_checkpoint(ckpt_dir) is None:
@@ -254,7 +238,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, demo_data):
     assert n >= 10
     res = _bundle_run(*common, "--iterations", "200")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    its = _iterations(res.stdout)
+    its = iterations(res.stdout)
     assert its and its[0] == n + 1 and its[-1] == 200, its[:3]
     assert Path(latest_checkpoint(ckpt_dir)).name == "checkpoint_iteration=200.pt"
 
@@ -276,7 +260,7 @@ def test_pretraining_on_real_em_beats_the_degraded_input(shared_dir, tmp_path):
         val_interval=20,
     )
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see _env
+    torch.set_num_threads(1)  # see tests.helpers.bundle_env
     try:
         wf.initialize()
         wf.run()
@@ -305,7 +289,7 @@ def test_multi_gpu_config_runs_two_cpu_processes(tmp_path, demo_data):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     cmd = torchrun + ["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(tmp_path),
                       "--demo_dir", str(demo_data), "--iterations", "40"]
-    res = subprocess.run(cmd, cwd=BUNDLE, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=PRE, env=bundle_env(), capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "val_mse" in res.stdout, res.stdout[-3000:]
     # rank-0-only validation handlers: one sample PNG per validation (ranks' stdout may interleave,
