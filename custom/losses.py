@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from custom.errors import ConfigError
-
 __all__ = ["PAPER", "CEWeightedDiceCELoss"]
 
 #: the reference's weighting (0.5 each) and Dice over the whole batch; DiceCELoss's defaults otherwise
@@ -55,11 +53,10 @@ class CEWeightedDiceCELoss(DiceCELoss):
     ):
         if "weight" in kwargs:
             raise TypeError("pass class_weights (cross-entropy only), not weight")
-        if ignore_index is not None and num_classes is not None and 0 <= int(ignore_index) < max(2, int(num_classes)):
-            raise ConfigError(
-                f"ignore_index: {ignore_index} is a class of a {max(2, int(num_classes))}-class task; "
-                "unlabelled voxels need a value that is not a class (e.g. 255)"
-            )
+        if ignore_index is not None:  # a class value would be neither learned nor scored: ConfigError
+            from custom.io.validation import check_ignore_index
+
+            check_ignore_index(ignore_index, None if num_classes is None else max(2, int(num_classes)))
         if num_classes is not None:
             multi = int(num_classes) > 1
             switches = {"sigmoid": not multi, "softmax": multi, "to_onehot_y": multi, "squared_pred": multi}

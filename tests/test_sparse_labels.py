@@ -81,6 +81,8 @@ def test_an_ignore_index_that_is_a_class_is_refused():
     with pytest.raises(ConfigError, match="ignore_index: 2 is a class of a 3-class task"):
         CEWeightedDiceCELoss(num_classes=3, ignore_index=2)
     CEWeightedDiceCELoss(num_classes=3, ignore_index=3)
+    with pytest.raises(ConfigError, match="ignore_index: 1 is a class of a 2-class task"):
+        validate_items([], num_classes=2, ignore_index=1)  # the data check says so before any file is read
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,11 +11,29 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from ..errors import ConfigError
 from .errors import DatasetError, PathLike, dataset_error
 from .formats import em_shape, read_em
 from .slicing import as_item
 
-__all__ = ["check_foreground", "no_foreground_error", "validate_items"]
+__all__ = ["check_foreground", "check_ignore_index", "no_foreground_error", "validate_items"]
+
+
+def check_ignore_index(ignore_index: int | None, num_classes: int | None) -> int | None:
+    """The unlabelled value (sparse labels) as an int, or None; refused when it is one of the ``num_classes``
+    classes (``0 .. num_classes - 1``, background included), which could then never be learned nor scored.
+
+    Raises:
+        ConfigError: ``"ignore_index: 1 is a class of a 2-class task; ..."``.
+    """
+    if ignore_index is None:
+        return None
+    if num_classes is not None and 0 <= int(ignore_index) < int(num_classes):
+        raise ConfigError(
+            f"ignore_index: {int(ignore_index)} is a class of a {int(num_classes)}-class task; "
+            "unlabelled voxels need a value that is not a class (e.g. 255)"
+        )
+    return int(ignore_index)
 
 
 def _check_image_values(path: str, arr: np.ndarray) -> None:
@@ -82,10 +100,12 @@ def validate_items(
 
     Raises:
         DatasetError: ``"<path>: <problem>"`` for the first unreadable/truncated file,
-            image/label shape mismatch, label values ``>= num_classes``, negative or
+            image/label shape mismatch, label values ``>= num_classes`` (other than ``ignore_index``), negative or
             non-integer labels, 1D or 4D+ arrays, non-finite values, or an HDF5 file whose
             dataset is ambiguous (several, none with a known name: the message lists them).
+        ConfigError: ``ignore_index`` is one of the classes (:func:`check_ignore_index`).
     """
+    ignore_index = check_ignore_index(ignore_index, num_classes)
     seen: set[tuple] = set()
     h5_keys = dict(h5_keys or {})
     for n, item in enumerate(items):
