@@ -221,7 +221,8 @@ def test_finetune_two_node_rendezvous_as_slurm_runs_it(tmp_path, pretrained):
                 p.kill()
     print(f"2-node (2 x 1 process) rendezvous run: {time.time() - t0:.1f} s")
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
-    done = sorted(line for log in logs for line in log.splitlines() if "[retina] rank" in line)
+    # the message of each rank's log record (logging.conf puts time, logger and level before it)
+    done = sorted(line[line.index("[retina] rank"):] for log in logs for line in log.splitlines() if "[retina] rank" in line)
     assert done == [f"[retina] rank {r} of 2: 10 iterations, 12 of 24 training slices per epoch of the DistributedSampler"
                     for r in (0, 1)], done
     assert _files(tmp_path / "bundle" / "models") == ["intensity.json", "model.pt", "model_final.pt"]
