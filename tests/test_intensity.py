@@ -20,13 +20,18 @@ import numpy as np
 import pytest
 import torch
 
+from custom.intensity import (
+    MapIntensityd,
+    choose_range,
+    dataset_intensity,
+    fingerprint,
+    from_checkpoint,
+)
 from custom.io import write_em
-from custom.intensity import MapIntensityd, choose_range, dataset_intensity, fingerprint, from_checkpoint
-from custom.synthetic import em_volume
 from custom.networks import decode_record, transunet_from_preset
+from custom.synthetic import em_volume
+from tests.helpers import FT, bundle_env
 
-REPO = Path(__file__).resolve().parents[1]
-FT = REPO / "bundles" / "retina_finetune"
 DEMO = "configs/demo.json"
 
 #: the same picture in four storage types, as microscopes and converters write them
@@ -38,17 +43,9 @@ STORAGE = {
 }
 
 
-def _env() -> dict:
-    import os
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def _bundle(configs: list[str], *args) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), *map(str, args)]
-    return subprocess.run(cmd, cwd=FT, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=FT, env=bundle_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
 def _dataset(root: Path, kind: str) -> Path:

@@ -9,7 +9,7 @@ before the run: all still there, unchanged (except the one file ``--overwrite Tr
 Settings of the wrong type (``--save_probabilities false``) are refused in one line too, and a
 folder of same-shaped numbered 2D slices is read as one volume.
 
-The bundle runs share one forked runner (``tests/test_reliability.py``: one process imports MONAI
+The bundle runs share one forked runner (``tests.helpers.run_forked``: one process imports MONAI
 once, each case is a forked ``python -m monai.bundle run``), started once for the cases selected;
 ``write_em``'s folder writes (temporary sibling folder, renamed at the end) are tested in-process
 and in a forked child SIGKILLed half-way through.
@@ -30,9 +30,15 @@ import pytest
 
 from custom.io import DatasetError, find_em_files, read_em, write_em
 from custom.synthetic import em_image, em_volume
-from tests.helpers import FT, INFER, PRE, assert_one_line, run_forked
-from tests.helpers import tail as _tail
-from tests.helpers import write_tiny_checkpoint as _tiny_checkpoint
+from tests.helpers import (
+    FT,
+    INFER,
+    PRE,
+    assert_one_line,
+    run_forked,
+    tail,
+    write_tiny_checkpoint,
+)
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -63,7 +69,7 @@ def _vol(path: Path, seed: int = 1, shape=(2, 64, 64)) -> Path:
 
 
 def _ft_root(tmp: Path) -> Path:
-    _tiny_checkpoint(tmp / "root" / "models" / "model.pt", out_channels=1)
+    write_tiny_checkpoint(tmp / "root" / "models" / "model.pt", out_channels=1)
     return tmp / "root"
 
 
@@ -98,7 +104,7 @@ def _same_stem_in_subfolders(tmp):
 
 
 def _check_same_stem_in_subfolders(tmp, res):
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     for sub in ("a", "b"):
         assert read_em(tmp / "out" / sub / "vol_seg.tif").shape == (2, 64, 64)
     assert sorted(str(p.relative_to(tmp / "out")) for p in (tmp / "out").rglob("*") if p.is_file()) == [
@@ -142,7 +148,7 @@ def _existing_output_overwrite(tmp):
 
 
 def _check_overwritten(tmp, res):
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     assert read_em(tmp / "out" / "x_seg.tif").shape == (2, 64, 64)
     assert read_em(tmp / "out" / "y_seg.tif").shape == (2, 64, 64)
 
@@ -154,7 +160,7 @@ def _slice_folder(tmp):
 
 
 def _check_slice_folder(tmp, res):
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     assert f"[retina] {tmp / 'in' / 'stack'}: read as one volume: 4 same-shaped 2D slices 0000.png ... 0003.png" in res.stdout
     assert read_em(tmp / "out" / "stack_seg").shape == (4, 64, 64)
     assert read_em(tmp / "out" / "stack_seg_prob.tif").shape == (4, 64, 64)
@@ -167,7 +173,7 @@ def _mixed_shapes_folder(tmp):
 
 
 def _check_mixed_shapes_folder(tmp, res):
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     assert "read as 2 separate input(s), not one slice volume: the images differ in shape" in res.stdout
     assert sorted(os.listdir(tmp / "out")) == ["img0_seg.png", "img1_seg.png"]
 
@@ -178,7 +184,7 @@ def _slice_folder_as_list(tmp):
 
 
 def _check_slice_folder_as_list(tmp, res):
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     assert "read as 3 separate input(s) (slices_as_volume False)" in res.stdout
     assert sorted(os.listdir(tmp / "out")) == ["0000_seg.png", "0001_seg.png", "0002_seg.png"]
 
@@ -205,7 +211,7 @@ def _tracking(tmp):
 def _check_tracking(tmp, res):
     import mlflow
 
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     client = mlflow.MlflowClient(f"sqlite:///{tmp / 'root' / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("retina_finetune_inference").experiment_id])
     assert run.info.status == "FINISHED"
@@ -223,7 +229,7 @@ def _check_tracking(tmp, res):
 
 
 def _pre(tmp, *extra):
-    ckpt = _tiny_checkpoint(tmp / "recon.pt", head="reconstruction")
+    ckpt = write_tiny_checkpoint(tmp / "recon.pt", head="reconstruction")
     return ["--bundle_root", tmp / "root", "--dataset_dir", tmp / "ds", "--model_path", ckpt, "--output_dir",
             tmp / "out", *extra]
 
@@ -243,7 +249,7 @@ def _pre_same_stem_in_subfolders(tmp):
 def _check_pre_same_stem(tmp, res):
     import mlflow
 
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     written = sorted(str(p.relative_to(tmp / "out")) for p in (tmp / "out").rglob("*") if p.is_file())
     assert written == ["a/em.png", "b/em.png"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp / 'root' / 'mlruns' / 'mlflow.db'}")
