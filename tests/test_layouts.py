@@ -11,8 +11,8 @@ the README's evaluate command.
 - A resumed training keeps one resume checkpoint (``custom.handlers.prune_checkpoints``).
 - A config overlay from a dataset folder holding code is refused before it runs (``custom.overlays``).
 
-Bundle runs go through ``python -m monai.bundle run`` from the bundle folder (the forked runner of
-``test_reliability`` for the quick ones), tiny preset, every output under ``tmp_path``.
+Bundle runs go through ``python -m monai.bundle run`` from the bundle folder (the forked runner
+``tests.helpers.run_forked`` for the quick ones), tiny preset, every output under ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -37,15 +37,21 @@ import torch
 from custom import io as D
 from custom.io import DatasetError
 from custom.synthetic import em_volume
-from tests.helpers import FT, PRE, TRAIN, assert_one_line, run_forked
-from tests.helpers import bundle_cmd as _bundle_cmd
-from tests.helpers import bundle_env as _env
-from tests.helpers import tail as _tail
-from tests.helpers import wait_for as _wait_for
-from tests.helpers import write_labelled as _labelled
-from tests.helpers import write_tiny_checkpoint as _tiny_checkpoint
+from tests.helpers import (
+    FT,
+    PRE,
+    REPO,
+    TRAIN,
+    assert_one_line,
+    bundle_cmd,
+    bundle_env,
+    run_forked,
+    tail,
+    wait_for,
+    write_labelled,
+    write_tiny_checkpoint,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(1)
 VOL = RNG.integers(0, 256, (4, 10, 13), dtype=np.uint8)  # (Z, Y, X), all sides distinct
 
@@ -233,7 +239,7 @@ def _hw1(ds: Path) -> None:
 
 
 def _empty_labels(ds: Path) -> None:
-    _labelled(ds)
+    write_labelled(ds)
     D.write_em(ds / "train" / "labels" / "vol0.tif", np.zeros((3, 64, 64), np.uint8))
 
 
@@ -265,7 +271,7 @@ def _evil(tmp: Path) -> dict:
 def _with_overlay(bundle_configs: list[str], content, *extra):
     """(configs, setup) of a run with ``tmp/ds/dataset.json`` (``content(tmp)``) listed last."""
     def setup(tmp: Path) -> tuple[str, list]:
-        _labelled(tmp / "ds")
+        write_labelled(tmp / "ds")
         path = _overlay(tmp, content(tmp))
         configs = "[" + ",".join(repr(c) for c in [*bundle_configs, str(path)]) + "]"
         return configs, ["--bundle_root", tmp / "root", *extra]
@@ -323,8 +329,8 @@ def test_bundle_run(job, bundle_runs):
     res, tmp = bundle_runs[job]
     expected = JOBS[job][3]
     if expected is None:
-        assert res.returncode == 0, _tail(res)
-        assert (tmp / "root" / "models" / "model_final.pt").is_file(), _tail(res)
+        assert res.returncode == 0, tail(res)
+        assert (tmp / "root" / "models" / "model_final.pt").is_file(), tail(res)
         print(f"{job}: trained ({res.seconds:.0f} s)")
     else:
         first, *rest = expected(tmp)
@@ -343,10 +349,15 @@ def test_continue_from_the_bundles_own_weights(tmp_path, caplog):
     checkpoint present the transfer happens as before."""
     import logging
 
-    from custom.checkpoints import CheckpointError, continues_from, require_pretrained, transfer_pretrained
+    from custom.checkpoints import (
+        CheckpointError,
+        continues_from,
+        require_pretrained,
+        transfer_pretrained,
+    )
     from custom.networks import transunet_from_preset
 
-    own = _tiny_checkpoint(tmp_path / "models" / "model.pt", hidden_size=48, mlp_dim=96)  # not the default init
+    own = write_tiny_checkpoint(tmp_path / "models" / "model.pt", hidden_size=48, mlp_dim=96)  # not the default init
     missing = tmp_path / "retina_pretrain" / "model.pt"
     assert continues_from(missing, "encoder", own) == str(own)
     assert continues_from(missing, "none", own) is None and continues_from(missing, "encoder", None) is None
@@ -365,7 +376,7 @@ def test_continue_from_the_bundles_own_weights(tmp_path, caplog):
     assert record.levelno == logging.WARNING and str(own) in record.getMessage()
     with pytest.raises(CheckpointError, match="mismatching keys"):  # the bundle's weights must fit
         transfer_pretrained(transunet_from_preset("tiny", img_size=64), missing, continue_from=own)
-    pre = _tiny_checkpoint(missing, head="reconstruction")  # present: transferred, model.pt not used
+    pre = write_tiny_checkpoint(missing, head="reconstruction")  # present: transferred, model.pt not used
     net = transfer_pretrained(transunet_from_preset("tiny", img_size=64), pre, continue_from=own)
     torch.testing.assert_close(net.state_dict()["cnn.root.conv.weight"], torch.load(pre, weights_only=True)["cnn.root.conv.weight"])
 
@@ -402,14 +413,14 @@ MONAILABEL_TRAIN = textwrap.dedent(
 
 
 def _monailabel_train(tmp: Path, with_model: bool) -> subprocess.CompletedProcess:
-    ds = _labelled(tmp / "ds", n_train=2, n_val=0)
+    ds = write_labelled(tmp / "ds", n_train=2, n_val=0)
     items = [{"image": str(p), "label": str(ds / "train" / "labels" / p.name)} for p in sorted((ds / "train" / "images").iterdir())]
     demo = json.loads((FT / "configs" / "demo.json").read_text())
     extra = {**demo, "iterations": 2, "val_interval": 2, "batch_size": 2, "log_interval": 1}
     if with_model:
-        _tiny_checkpoint(tmp / "root" / "models" / "model.pt", out_channels=1)
+        write_tiny_checkpoint(tmp / "root" / "models" / "model.pt", out_channels=1)
     return subprocess.run([sys.executable, "-c", MONAILABEL_TRAIN, str(FT), str(tmp / "root"), json.dumps(items),
-                           json.dumps(extra)], cwd=tmp, env=_env(), capture_output=True, text=True, timeout=300)
+                           json.dumps(extra)], cwd=tmp, env=bundle_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_monailabel_trains_the_bundle_alone_from_its_own_weights(tmp_path):
@@ -417,11 +428,11 @@ def test_monailabel_trains_the_bundle_alone_from_its_own_weights(tmp_path):
     MONAI Label asks; the weights it trained are written."""
     assert not (tmp_path / "retina_pretrain").exists()
     res = _monailabel_train(tmp_path, with_model=True)
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     model_pt = tmp_path / "root" / "models" / "model.pt"
     lines = [line for line in res.stdout.splitlines() if "continuing from the bundle's own weights" in line]
-    assert len(lines) == 1 and "pretrained checkpoint not found" in lines[0] and str(model_pt) in lines[0], _tail(res)
-    assert f"Restored all variables from {model_pt}" in res.stdout, _tail(res)  # MONAI Label's own loader
+    assert len(lines) == 1 and "pretrained checkpoint not found" in lines[0] and str(model_pt) in lines[0], tail(res)
+    assert f"Restored all variables from {model_pt}" in res.stdout, tail(res)  # MONAI Label's own loader
     assert "MONAI Label: Training Finished...." in res.stdout
     assert (tmp_path / "root" / "models" / "model_final.pt").is_file()
     print(lines[0].split(" - ")[-1])
@@ -443,22 +454,22 @@ def test_monailabel_without_any_weights_fails_in_one_line(tmp_path):
 def test_killed_and_resumed_training_keeps_one_resume_checkpoint(tmp_path):
     """SIGKILL after the first resume checkpoint, the same command again: it resumes, and
     ``eval/checkpoints`` ends with exactly one ``checkpoint_epoch=*.pt`` (the stale epoch-1 one used to stay)."""
-    ds = _labelled(tmp_path / "ds")
+    ds = write_labelled(tmp_path / "ds")
     root = tmp_path / "root"
-    cmd = _bundle_cmd(FT, TRAIN, "--bundle_root", root, "--dataset_dir", ds, "--transfer", "none", "--iterations", 12,
+    cmd = bundle_cmd(FT, TRAIN, "--bundle_root", root, "--dataset_dir", ds, "--transfer", "none", "--iterations", 12,
                       "--val_interval", 4, "--batch_size", 2, "--log_interval", 1)
     resume_dir = root / "eval" / "checkpoints"
     with open(tmp_path / "killed.log", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=FT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=FT, env=bundle_env(), stdout=out, stderr=subprocess.STDOUT)
         try:
-            _wait_for(lambda: (resume_dir / "checkpoint_epoch=1.pt").is_file(), proc, 240, "first checkpoint")
+            wait_for(lambda: (resume_dir / "checkpoint_epoch=1.pt").is_file(), proc, 240, "first checkpoint")
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     assert not (resume_dir / "checkpoint_epoch=3.pt").exists()
-    res = subprocess.run(cmd, cwd=FT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, _tail(res)
-    assert "Restored all variables from" in res.stdout, _tail(res)
+    res = subprocess.run(cmd, cwd=FT, env=bundle_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, tail(res)
+    assert "Restored all variables from" in res.stdout, tail(res)
     assert sorted(p.name for p in resume_dir.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=3.pt"], \
         sorted(p.name for p in resume_dir.iterdir())
 
@@ -482,10 +493,10 @@ def test_readme_evaluate_command_runs(tmp_path):
     assert argv[:4] == ["python", "-m", "monai.bundle", "run"], argv
     assert argv[argv.index("--config_file") + 1] == "['configs/train.json','configs/evaluate.json']", argv
     num_classes = int(argv[argv.index("--num_classes") + 1])
-    argv[argv.index("--dataset_dir") + 1] = str(_labelled(tmp_path / "DATA"))
-    _tiny_checkpoint(tmp_path / "root" / "models" / "model.pt", out_channels=num_classes)
+    argv[argv.index("--dataset_dir") + 1] = str(write_labelled(tmp_path / "DATA"))
+    write_tiny_checkpoint(tmp_path / "root" / "models" / "model.pt", out_channels=num_classes)
     cmd = [sys.executable, *argv[1:], "--bundle_root", str(tmp_path / "root"), "--preset", "tiny", "--crop_size", "64"]
-    res = subprocess.run(cmd, cwd=FT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, _tail(res)
+    res = subprocess.run(cmd, cwd=FT, env=bundle_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, tail(res)
     out = tmp_path / "root" / "eval" / "evaluation"
     assert (out / "eval_summary.json").is_file(), sorted(p.name for p in out.iterdir()) if out.exists() else res.stdout[-3000:]
