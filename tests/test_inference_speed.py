@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +21,7 @@ from custom.networks import (
     prepare_for_inference,
     transunet_from_preset,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _tiny(seed: int = 0, **kw) -> torch.nn.Module:
@@ -169,9 +167,9 @@ BENCH_KEYS = [
 
 def test_bench_inference_prints_every_figure():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_inference.py"), "--shape", "2,32,48", "--preset", "tiny",
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_inference.py"), "--shape", "2,32,48", "--preset", "tiny",
            "--roi_size", "32", "--iters", "1", "--matmul_size", "256", "--naive_roi_size", "32"]
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     for key in BENCH_KEYS:
