@@ -248,10 +248,10 @@ def summarize_objects(
     return out
 
 
-def _write_csv(path: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+def _write_csv(path: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]], replace: bool = False) -> None:
     from custom.utils import atomic_path
 
-    with atomic_path(path, replace=False) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path, replace=replace) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
@@ -321,7 +321,7 @@ def write_measurements(
         rows, shape = _measure_any(labels, spacing, class_names, connectivity, block)
     summary = summarize_objects(rows, int(np.prod(shape)), class_names)
     os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
-    _write_csv(paths[0], object_columns(len(shape)), rows)
-    _write_csv(paths[1], SUMMARY_COLUMNS, summary)
+    _write_csv(paths[0], object_columns(len(shape)), rows, replace=overwrite)
+    _write_csv(paths[1], SUMMARY_COLUMNS, summary, replace=overwrite)
     logger.info("[retina] measured %d objects in %d classes: %s, %s", len(rows), len(summary), *paths)
     return paths

@@ -220,3 +220,12 @@ def test_inference_refuses_existing_tables_before_writing_anything(tmp_path):
     cause = err.value if isinstance(err.value, OutputError) else err.value.__cause__
     assert isinstance(cause, OutputError) and "v_seg_objects.csv: output already exists" in str(cause)
     assert not (out / "v_seg.ome.zarr").exists() and (out / "v_seg_objects.csv").read_bytes() == before
+
+
+def test_inference_with_overwrite_replaces_its_tables(tmp_path):
+    """``--overwrite True`` replaces the label volume and its tables (the tables are written again, not refused)."""
+    _measured_inference(tmp_path)
+    table = tmp_path / "out" / "v_seg_objects.csv"
+    table.write_text("stale\n")
+    _measured_inference(tmp_path, overwrite=True)
+    assert read_csv(table) and table.read_text() != "stale\n"
