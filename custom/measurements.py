@@ -100,8 +100,10 @@ def _rows(cls: int, stats: Mapping[str, np.ndarray], spacing: np.ndarray, name: 
     return rows
 
 
-def _name(cls: int, class_names: Sequence[str] | None) -> str:
-    return str(class_names[cls]) if class_names is not None and cls < len(class_names) else f"class{cls}"
+def _name(cls: int, class_names: Any) -> str:
+    from custom.utils import class_name
+
+    return class_name(cls, class_names, fallback="class{}")
 
 
 def _numbered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,7 +123,8 @@ def measure(
     Args:
         labels: (Z, Y, X) or (Y, X) integer class indices, 0 = background.
         spacing: voxel size per axis (same order), or one number; default 1 (voxel units).
-        class_names: names by class index (``class_names[c]``); default ``class<c>``.
+        class_names: names by class index: a sequence, or a mapping with int or str keys (a config's
+            ``label_names``); default ``class<c>``.
         connectivity: 1 = neighbours share a face (6 in 3D), up to ``ndim`` = any touching voxel (26).
     """
     labels = np.asarray(labels)

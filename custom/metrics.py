@@ -41,6 +41,8 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.metrics.utils import get_edge_surface_distance, get_surface_distance
 
+from .utils import class_name
+
 __all__ = [
     "SCORES",
     "foreground_classes",
@@ -209,17 +211,9 @@ def evaluate_segmentation(
             row["mfd"] = mean_false_distance(p == c, t == c, spacing)
         if cremi:
             row.update(cremi_distances(p == c, t == c, spacing, cremi_threshold))
-        result[_class_name(c, class_names)] = row
+        result[class_name(c, class_names)] = row
     result["mean"] = _nanmean_rows(list(result.values()))
     return result
-
-
-def _class_name(c: int, class_names: Optional[Mapping[Any, str]]) -> str:
-    if class_names:
-        for key in (c, str(c)):
-            if key in class_names:
-                return str(class_names[key])
-    return f"class_{c}"
 
 
 def _nanmean(values: Sequence[float]) -> float:

@@ -9,12 +9,13 @@ import errno
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, TypeVar, Union
 
 __all__ = [
-    "COMPOUND_SUFFIXES", "PLANES", "PLANE_AXIS", "atomic_path", "file_stem", "is_within", "literal_value", "natural_key",
+    "COMPOUND_SUFFIXES", "PLANES", "PLANE_AXIS", "atomic_path", "class_name", "file_stem", "is_within", "literal_value", "natural_key",
     "plane_list", "progress", "short_list", "temp_name",
 ]
 
@@ -74,6 +75,18 @@ def atomic_path(path: PathLike, replace: bool = True) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def class_name(index: int, names: Any = None, fallback: str = "class_{}") -> str:
+    """The name of class ``index`` in ``names``: a mapping with int or str keys (a config's ``label_names``,
+    ``{"0": "background", ...}``) or a sequence by index; ``fallback.format(index)`` when it has none."""
+    if isinstance(names, Mapping):
+        for key in (index, str(index)):
+            if key in names:
+                return str(names[key])
+    elif names is not None and 0 <= index < len(names):
+        return str(names[index])
+    return fallback.format(index)
 
 
 def file_stem(path: PathLike) -> str:

@@ -99,3 +99,14 @@ def test_short_list_names_the_first_few():
     assert short_list(names) == "a.png, b.png, c.png and 2 more"
     assert short_list(names[:3]) == "a.png, b.png, c.png" and short_list(names, limit=1) == "a.png and 4 more"
     assert short_list([]) == ""
+
+
+def test_class_name_reads_a_config_mapping_a_sequence_or_falls_back():
+    from custom.utils import class_name
+
+    assert class_name(1, {"0": "background", "1": "mito"}) == "mito"  # label_names from JSON: str keys
+    assert class_name(2, {2: "er"}) == "er"
+    assert class_name(1, ["background", "mito"]) == "mito"
+    assert class_name(3, ["background", "mito"]) == "class_3"
+    assert class_name(3, {"0": "background"}, fallback="class{}") == "class3"
+    assert class_name(0, None) == "class_0"

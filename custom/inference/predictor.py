@@ -32,16 +32,6 @@ __all__ = ["VolumePredictor"]
 logger = logging.getLogger(__name__)
 
 
-def _class_names(names: Any) -> Optional[List[str]]:
-    """``{"0": "background", "1": "mito"}`` or a list -> names by class index (gaps named by their index)."""
-    if names is None or isinstance(names, (list, tuple)):
-        return None if names is None else [str(n) for n in names]
-    if not isinstance(names, dict):
-        raise ConfigError(f"label_names: expected a dict of class index -> name or a list, got {names!r}")
-    by_index = {int(k): str(v) for k, v in names.items()}
-    return [by_index.get(k, str(k)) for k in range(max(by_index) + 1)] if by_index else None
-
-
 class VolumePredictor:
     """Predict and write every item of ``dataset``; one failure does not stop the others.
 
@@ -157,7 +147,7 @@ class VolumePredictor:
         self.stats: Dict[str, dict] = {}
         if not isinstance(measure, bool):
             raise ConfigError(f"measure: expected True or False, got {measure!r}; write --measure True or --measure False")
-        self.measure, self.class_names = measure, _class_names(class_names)
+        self.measure, self.class_names = measure, class_names
         self.tables: Dict[str, Tuple[str, str]] = {}
 
     @property
