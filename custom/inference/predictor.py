@@ -147,6 +147,8 @@ class VolumePredictor:
         self.stats: Dict[str, dict] = {}
         if not isinstance(measure, bool):
             raise ConfigError(f"measure: expected True or False, got {measure!r}; write --measure True or --measure False")
+        if class_names is not None and not isinstance(class_names, (dict, list, tuple)):
+            raise ConfigError(f"label_names: expected a dict of class index -> name or a list, got {class_names!r}")
         self.measure, self.class_names = measure, class_names
         self.tables: Dict[str, Tuple[str, str]] = {}
 
