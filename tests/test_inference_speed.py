@@ -155,6 +155,38 @@ def test_fit_roi_shrinks_windows_along_short_axes():
     assert fitted._roi((3, 36)) == (16, 32) and fitted._roi((40, 36)) == (32, 32)
 
 
+def test_a_bf16_fold_keeps_the_weights_in_bf16_and_matches_the_fp32_fold_under_autocast():
+    net = _tiny().eval()
+    x = torch.rand(2, 1, 32, 32)
+    prepare_for_inference(net, dtype=torch.bfloat16)
+    assert {m.folded_weight.dtype for m in _std_convs(net)} == {torch.bfloat16}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        kept_bf16 = net(x).float()
+    with torch.inference_mode():
+        outside_autocast = net(x)  # the bf16 fold is cast back for an fp32 forward, not refused
+    prepare_for_inference(net)
+    assert {m.folded_weight.dtype for m in _std_convs(net)} == {torch.float32}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        kept_fp32 = net(x).float()
+    assert float((kept_bf16 - kept_fp32).abs().max()) < 1e-2
+    assert float((outside_autocast - net(x).detach()).abs().max()) < 5e-2
+
+
+def test_fitted_windows_come_more_to_a_network_call_and_give_the_same_result():
+    vol = torch.rand(1, 1, 3, 40, 36)
+    fitted = SliceWiseInferer(roi_size=32, sw_batch_size=2, planes="orthoplane", fit_roi=True)
+    assert fitted._settings((16, 32))["sw_batch_size"] == 4 and fitted._settings((32, 32))["sw_batch_size"] == 2
+    calls = []
+    net = _tiny().eval()
+    hook = net.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    with torch.no_grad():
+        got = fitted(vol, net)
+        hook.remove()
+        one_by_one = SliceWiseInferer(roi_size=32, sw_batch_size=1, planes="orthoplane", fit_roi=True)(vol, net)
+    assert max(calls) > 2  # the thin xz/yz windows shared calls beyond sw_batch_size
+    assert float((got - one_by_one).abs().max()) < 1e-5
+
+
 BENCH_KEYS = [
     "matmul_fp32_gflops", "matmul_bf16_gflops", "net_eager_fp32_images_per_s", "net_new_images_per_s",
     "net_speedup_vs_eager_fp32", "new_xy_voxels_per_s", "new_xy_peak_rss_mb", "new_xy_model_gflops",

@@ -53,7 +53,8 @@ class SliceWiseInferer(Inferer):
     Args:
         roi_size: sliding-window size within a slice (int or (H, W)); the paper uses 224. Larger
             windows work (the network interpolates its position embeddings).
-        sw_batch_size: windows per network call (windows of neighbouring slices share a batch).
+        sw_batch_size: windows per network call (windows of neighbouring slices share a batch; windows
+            shrunk by ``fit_roi`` come proportionally more to a call).
         overlap: window overlap within a slice (paper: 0.7 for 3D, 0.5 for 2D).
         planes: ``"xy"``, ``"orthoplane"`` or a list of ``"xy"``/``"xz"``/``"yz"``; volumes are
             ``(Z, Y, X)``, so xy slices run along the first spatial axis.
@@ -142,14 +143,14 @@ class SliceWiseInferer(Inferer):
             return self.roi_size
         return tuple(min(r, -(-int(n) // 16) * 16) for r, n in zip(self.roi_size, slice_shape))
 
-    def _prepared(self, network: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def _prepared(self, network: Callable[..., torch.Tensor], dtype: Optional[torch.dtype]) -> Callable[..., torch.Tensor]:
         """The network folded (eval mode only: a training network is left alone), laid out and compiled."""
         if not isinstance(network, torch.nn.Module) or network.training:
             return network
         if self._compiled is not None and self._compiled[0]() is network:
-            prepare_for_inference(network, self.channels_last, compile=False, fold=self.fold)  # refold in place
+            prepare_for_inference(network, self.channels_last, compile=False, fold=self.fold, dtype=dtype)  # refold
             return self._compiled[1]
-        prepared = prepare_for_inference(network, self.channels_last, compile=self.compile, fold=self.fold)
+        prepared = prepare_for_inference(network, self.channels_last, compile=self.compile, fold=self.fold, dtype=dtype)
         if self.compile:
             self._compiled = (weakref.ref(network), prepared)
         return prepared
@@ -157,8 +158,16 @@ class SliceWiseInferer(Inferer):
     def runner(self, network: Callable[..., torch.Tensor], device: Union[torch.device, str, None]) -> WindowRunner:
         """What the sliding window calls for ``network`` on ``device`` (prepared, autocast, inference mode)."""
         dev = torch.device(self.window["sw_device"] or device or "cpu")
-        return WindowRunner(self._prepared(network), autocast_dtype(self.precision, dev), self.channels_last,
-                            count=self._count)
+        dtype = autocast_dtype(self.precision, dev)
+        return WindowRunner(self._prepared(network, dtype), dtype, self.channels_last, count=self._count)
+
+    def _settings(self, roi: tuple) -> dict:
+        """The sliding-window settings for windows of ``roi``: a window smaller than ``roi_size`` (``fit_roi``)
+        gets a proportionally larger batch, so a network call holds about as many pixels (thin xz/yz slices
+        would otherwise cost one small call each)."""
+        scale = (self.roi_size[0] * self.roi_size[1]) // max(1, roi[0] * roi[1])
+        batch = self.window["sw_batch_size"] * max(1, scale)
+        return dict(self.window, roi_size=roi, sw_batch_size=batch)
 
     def _count(self, n: int) -> None:
         self.windows += n
@@ -170,15 +179,20 @@ class SliceWiseInferer(Inferer):
         if spatial not in (2, 3):
             raise ValueError(f"expected a (B, C, H, W) image or a (B, C, Z, Y, X) volume, got shape {tuple(x.shape)}")
         run = self.runner(network, x.device)
-        if spatial == 2:
-            inferer = SlidingWindowInferer(roi_size=self._roi(x.shape[2:]), **self.window)
-            return self._activate(inferer(x, run, *args, **kwargs))
-        total: Optional[torch.Tensor] = None
-        for plane in self.planes:
-            axis = PLANE_AXIS[plane]
-            in_slice = [n for i, n in enumerate(x.shape[2:]) if i != axis]
-            inferer = SliceInferer(spatial_dim=axis, roi_size=self._roi(in_slice), **self.window)
-            probs = self._activate(inferer(x, run, *args, **kwargs))
-            total = probs if total is None else total.add_(probs.to(total.device))
+        # one autocast context for the whole input: autocast caches its casts of the weights until the
+        # outermost context exits, so they are cast once, not at every network call
+        dev_type = torch.device(self.window["sw_device"] or x.device).type
+        cast = torch.autocast(dev_type, dtype=run.dtype) if run.dtype is not None else nullcontext()
+        with cast:
+            if spatial == 2:
+                inferer = SlidingWindowInferer(**self._settings(self._roi(x.shape[2:])))
+                return self._activate(inferer(x, run, *args, **kwargs))
+            total: Optional[torch.Tensor] = None
+            for plane in self.planes:
+                axis = PLANE_AXIS[plane]
+                in_slice = [n for i, n in enumerate(x.shape[2:]) if i != axis]
+                inferer = SliceInferer(spatial_dim=axis, **self._settings(self._roi(in_slice)))
+                probs = self._activate(inferer(x, run, *args, **kwargs))
+                total = probs if total is None else total.add_(probs.to(total.device))
         assert total is not None
         return total / len(self.planes) if len(self.planes) > 1 else total

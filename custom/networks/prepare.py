@@ -23,21 +23,25 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
-def fold_weight_standardisation(model: nn.Module) -> int:
+def fold_weight_standardisation(model: nn.Module, dtype: Optional[torch.dtype] = None) -> int:
     """Fold every :class:`StdConv2d` of ``model`` (its standardised weight computed once); returns how many.
 
+    ``dtype``: keep the folded weights in it (the autocast dtype the inference runs in).
     Only meaningful in eval mode: a training forward standardises again, and ``train()`` drops the fold.
     """
     convs = [m for m in model.modules() if isinstance(m, StdConv2d)]
     for conv in convs:
-        conv.fold()
+        conv.fold(dtype)
     return len(convs)
 
 
 def prepare_for_inference(
-    model: nn.Module, channels_last: bool = False, compile: bool = False, fold: bool = True
+    model: nn.Module, channels_last: bool = False, compile: bool = False, fold: bool = True,
+    dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """``model`` in eval mode, weight standardisation folded, optionally channels-last and compiled.
+
+    ``dtype``: the autocast dtype inference will run in (``None``: fp32); the folded weights are kept in it.
 
     Changes ``model`` in place (eval mode, the folded buffers, the parameters' memory layout) and
     returns it, or with ``compile`` a ``torch.compile`` wrapper of it (the wrapper shares its weights).
@@ -47,7 +51,7 @@ def prepare_for_inference(
     if channels_last:
         model.to(memory_format=torch.channels_last)  # before folding: the folded weights take the layout
     if fold:
-        fold_weight_standardisation(model)
+        fold_weight_standardisation(model, dtype)
     if compile:
         return torch.compile(model)
     return model

@@ -35,13 +35,18 @@ class StdConv2d(nn.Conv2d):
         var, mean = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
         return (self.weight - mean) / torch.sqrt(var + 1e-5)
 
-    def fold(self) -> None:
-        """Keep the standardised weight for eval-mode forwards (in place when one is kept already)."""
+    def fold(self, dtype: Optional[torch.dtype] = None) -> None:
+        """Keep the standardised weight for eval-mode forwards (in place when one is kept already).
+
+        ``dtype``: keep it in that dtype (the autocast dtype inference runs in: autocast caches the
+        casts of parameters only, so a folded fp32 buffer would be cast again at every call).
+        """
         # a normal tensor even inside inference_mode, so eval forwards outside it may still need gradients
         with torch.inference_mode(False), torch.no_grad():
-            w = self.standardised_weight()
+            w = self.standardised_weight().to(dtype or self.weight.dtype)
             kept = self.folded_weight
-            if kept is not None and kept.shape == w.shape and kept.device == w.device and not kept.is_inference():
+            if (kept is not None and kept.shape == w.shape and kept.dtype == w.dtype and kept.device == w.device
+                    and not kept.is_inference()):
                 kept.copy_(w)  # same tensor: a compiled graph that captured it stays valid
             else:
                 self.folded_weight = w
@@ -60,6 +65,8 @@ class StdConv2d(nn.Conv2d):
         if folded is None or self.training:
             return F.conv2d(x, self.standardised_weight(), self.bias, self.stride, self.padding, self.dilation,
                             self.groups)
+        if folded.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            folded = folded.to(x.dtype)  # a fold kept in bf16, used outside autocast
         return F.conv2d(x, folded, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
