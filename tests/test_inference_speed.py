@@ -209,3 +209,16 @@ def test_bench_inference_prints_every_figure():
         assert m, f"{key} missing from:\n{out}"
         assert float(m.group(1)) > 0
     assert "profile" in out and "Self CPU" in out  # the torch.profiler table
+
+
+def test_bench_memory_prints_the_peak_memory_of_each_section_count(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_memory.py"), "--sections", "2,4", "--size", "64",
+           "--preset", "tiny", "--block_sections", "2", "--workdir", str(tmp_path / "bench")]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    peaks = {k: float(v) for k, v in re.findall(r"^(\S+)_sections: peak RSS (\d+) MiB", res.stdout, re.MULTILINE)}
+    assert set(peaks) == {"in_memory_2", "streamed_2", "streamed_4"}, res.stdout
+    assert all(p > 100 for p in peaks.values())  # a real child process with torch loaded, not this one
+    assert (tmp_path / "bench" / "out4" / "v4_seg.ome.zarr").is_dir()  # the streamed output was written
+    assert not (tmp_path / "bench" / "v4.zarr").exists()  # the synthetic input was removed
