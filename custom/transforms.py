@@ -46,13 +46,14 @@ from monai.transforms import (
     MapTransform,
     Randomizable,
     RandomizableTransform,
+    SpatialPadd,
     Transform,
     map_binary_to_indices,
 )
 from monai.utils import convert_to_dst_type, convert_to_tensor
 from monai.utils.misc import MAX_SEED
 
-__all__ = ["RandResizedCropd", "RandGaussianNoiseVard", "RandGaussianBlurd", "FixedAugmentd", "ToLabelsd", "LabelledIndicesd", "opencv_sigma"]
+__all__ = ["RandResizedCropd", "RandGaussianNoiseVard", "RandGaussianBlurd", "FixedAugmentd", "ToLabelsd", "LabelledIndicesd", "PadForCropd", "opencv_sigma"]
 
 
 def _as_float_tensor(img: Any) -> torch.Tensor:
@@ -387,6 +388,26 @@ class ToLabelsd(Compose):
         if activation:
             steps.insert(0, Activationsd(keys, sigmoid=binary, softmax=not binary))
         super().__init__(steps)
+
+
+class PadForCropd(Compose):
+    """Pad images and labels to at least ``spatial_size`` (MONAI's ``SpatialPadd``): images with 0,
+    labels with ``ignore_index`` when labels are sparse, else 0.
+
+    Why not one ``SpatialPadd`` over both: with sparse labels a border padded with 0 would be trained
+    as labelled background; padded with the ignore value it carries no loss, like any unlabelled voxel.
+
+    Args:
+        keys: the image key(s).
+        label_keys: the label key(s), channel-first maps of class indices.
+        spatial_size: the crop size the padding makes room for.
+        ignore_index: the value of unlabelled voxels (e.g. 255), or None (every voxel labelled).
+    """
+
+    def __init__(self, keys: KeysCollection, label_keys: KeysCollection, spatial_size: Any,
+                 ignore_index: int | None = None) -> None:
+        fill = 0 if ignore_index is None else int(ignore_index)
+        super().__init__([SpatialPadd(keys, spatial_size), SpatialPadd(label_keys, spatial_size, value=fill)])
 
 
 class LabelledIndicesd(MapTransform):

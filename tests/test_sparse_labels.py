@@ -77,6 +77,19 @@ def test_loss_of_a_wholly_unlabelled_batch_is_zero(num_classes):
     assert float(loss) == 0.0 and float(logits.grad.abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("ignore_index, fill", [(255, 255), (None, 0)])
+def test_a_padded_border_is_unlabelled_with_sparse_labels_and_background_without(ignore_index, fill):
+    from custom.transforms import PadForCropd
+
+    data = {"image": torch.full((1, 5, 6), 0.5), "label": torch.ones(1, 5, 6)}
+    out = PadForCropd("image", "label", (8, 8), ignore_index=ignore_index)(data)
+    image, label = out["image"], out["label"]
+    assert tuple(image.shape) == tuple(label.shape) == (1, 8, 8)
+    inside = label == 1
+    assert int(inside.sum()) == 30 and bool((image[inside] == 0.5).all())  # the data is kept, once
+    assert bool((label[~inside] == fill).all()) and bool((image[~inside] == 0).all())
+
+
 def test_an_ignore_index_that_is_a_class_is_refused():
     with pytest.raises(ConfigError, match="ignore_index: 2 is a class of a 3-class task"):
         CEWeightedDiceCELoss(num_classes=3, ignore_index=2)
