@@ -222,3 +222,14 @@ def test_bench_memory_prints_the_peak_memory_of_each_section_count(tmp_path):
     assert all(p > 100 for p in peaks.values())  # a real child process with torch loaded, not this one
     assert (tmp_path / "bench" / "out4" / "v4_seg.ome.zarr").is_dir()  # the streamed output was written
     assert not (tmp_path / "bench" / "v4.zarr").exists()  # the synthetic input was removed
+
+
+@pytest.mark.parametrize("fit_roi", [False, True])
+def test_the_bundle_setting_fit_roi_reaches_the_inferer(fit_roi):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "retina_finetune" / "configs" / "inference.json"))
+    parser["fit_roi"] = fit_roi
+    inferer = parser.get_parsed_content("inferer")
+    assert isinstance(inferer, SliceWiseInferer) and inferer.fit_roi is fit_roi
