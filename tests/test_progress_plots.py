@@ -120,6 +120,23 @@ def test_curves_without_tracking_still_write_files(tmp_path):
     assert (tmp_path / "loss_only.png").stat().st_size > 1000 and curves.metrics == {}
 
 
+def test_resumed_curves_continue_the_earlier_run_and_a_new_run_starts_afresh(tmp_path):
+    first = trainer_engine()
+    TrainingCurves(tmp_path, name="c").attach(first)
+    first.run(range(4), max_epochs=2)  # iterations 1..8 written; the checkpoint is at 4
+    resumed = trainer_engine()
+    curves = TrainingCurves(tmp_path, name="c")
+    curves.attach(resumed)
+    resumed.load_state_dict({"iteration": 4, "epoch_length": 4, "max_epochs": 3})
+    resumed.run(range(4))  # iterations 5..12
+    assert curves.loss == [(i, pytest.approx(1.0 / i)) for i in range(1, 13)]  # 1..4 kept, 5..8 redone once
+    fresh = trainer_engine()
+    again = TrainingCurves(tmp_path, name="c")
+    again.attach(fresh)
+    fresh.run(range(2), max_epochs=1)
+    assert [i for i, _ in again.loss] == [1, 2]
+
+
 def test_overlays_and_samples_are_logged_to_mlflow(tmp_path):
     """The fine-tuning prediction overlays and the pretraining reconstruction samples reach the evaluator's run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -92,10 +92,27 @@ class TrainingCurves:
     def attach(self, engine: Engine) -> None:
         """Register on the trainer (loss, final files) and on the validator's ``COMPLETED`` (metrics, redraw)."""
         self.trainer = engine
+        engine.add_event_handler(Events.STARTED, self.resume)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record_loss)
         engine.add_event_handler(Events.COMPLETED, self.completed)
         if self.validator is not None:
             self.validator.add_event_handler(Events.COMPLETED, self.record_metrics)
+
+    def resume(self, engine: Engine) -> None:
+        """Keep the rows of an earlier ``.csv`` up to the iteration the trainer starts from (a resumed run
+        continues its curves; a new run, starting at 0, keeps none; rows after the checkpoint are redone)."""
+        table = self.paths()[1]
+        start = engine.state.iteration
+        if start <= 0 or not os.path.isfile(table):
+            return
+        with open(table, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    series, step, value = row["series"], int(row["iteration"]), float(row["value"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # not a row of ours: ignore it rather than fail the training
+                if step <= start:
+                    (self.loss if series == "loss" else self.metrics.setdefault(series, [])).append((step, value))
 
     def record_loss(self, engine: Engine) -> None:
         for value in self.loss_transform(engine.state.output).values():
