@@ -192,3 +192,20 @@ def test_overlay_image_panels():
     # the truth panel is coloured where the label is, the prediction panel is not
     assert not np.array_equal(rgb[7, 37], rgb[7, 67])
     assert rgb[7, 67, 0] == rgb[7, 67, 1] == rgb[7, 67, 2]
+
+
+@pytest.mark.parametrize("ignore_index, grey", [(255, True), (None, False)])
+def test_overlays_leave_unlabelled_truth_uncoloured(tmp_path, ignore_index, grey):
+    from PIL import Image
+
+    img = torch.linspace(0, 1, 64).reshape(1, 8, 8)
+    label = torch.zeros(1, 8, 8)
+    label[:, :4] = 255  # the top half is unlabelled
+    items = [{"image": img, "pred": torch.zeros(1, 8, 8), "label": label}]
+    engine, data = _engine_with_outputs([items])
+    PredictionOverlays(str(tmp_path), max_images=1, num_classes=2, ignore_index=ignore_index).attach(engine)
+    engine.run(data, max_epochs=1)
+    (png,) = tmp_path.glob("epoch0001_*.png")
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    truth = rgb[:4, 8 + 2]  # the truth panel's unlabelled rows
+    assert bool((truth[:, 0] == truth[:, 1]).all() and (truth[:, 1] == truth[:, 2]).all()) is grey

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
@@ -155,6 +155,7 @@ class PredictionOverlays:
         max_images: overlays per epoch.
         num_classes: label classes including background (sets the colours).
         output_transform: engine output -> ``(images, labels, preds)`` lists of channel-first arrays.
+        ignore_index: the value of unlabelled truth voxels (sparse labels), shown uncoloured, or None.
     """
 
     def __init__(
@@ -163,7 +164,9 @@ class PredictionOverlays:
         max_images: int = 3,
         num_classes: int = 2,
         output_transform: Callable = from_engine(["image", "label", "pred"]),
+        ignore_index: Optional[int] = None,
     ) -> None:
+        self.ignore_index = ignore_index
         self.output_dir = output_dir
         self.max_images = max_images
         self.num_classes = num_classes
@@ -192,6 +195,8 @@ class PredictionOverlays:
 
         images, labels, preds = self.output_transform(engine.state.output)
         img, lab, prd = (_numpy(x[0]) for x in (images[0], labels[0], preds[0]))
+        if self.ignore_index is not None:  # unlabelled is not a class: no colour (else the top of the colour map)
+            lab = np.where(lab == self.ignore_index, 0, lab)
         if img.ndim == 3:
             z = _representative_slice(lab)
             img, lab, prd = img[z], lab[z], prd[z]
