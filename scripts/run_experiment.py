@@ -206,7 +206,7 @@ def run_cell(cell: Cell, iterations: Sequence[int], out_dir: str, settings: dict
             config_files(cell.data_dir, "train.json"), tracking,
             bundle_root=str(root), dataset_dir=cell.data_dir, iterations=its[-1], val_interval=every, seed=cell.seed,
             transfer=init.transfer, freeze=init.freeze, pretrained_path=init.path or "",
-            **{"train#checkpoint_saver#n_saved": its[-1] // every + 1}, **settings, **uri,
+            checkpoint_n_saved=its[-1] // every + 1, **settings, **uri,
             **({"run_name": cell.name} if tracking else {}), **train_overrides, **dict(cell.train),
         )
     train_s = time.time() - started
