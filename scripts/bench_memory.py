@@ -68,8 +68,9 @@ def run_once(root: Path, src: Path, out: Path, streaming: bool, block_sections: 
 
 def main(sections: str | int | tuple = "50,200,400", size: int = 1024, preset: str = "retina",
          block_sections: int = 16, baseline: bool = True, workdir: str | None = None) -> dict:
-    counts = [int(s) for s in (sections.split(",") if isinstance(sections, str) else
-                               (sections if isinstance(sections, tuple) else [sections]))]
+    if isinstance(sections, str):
+        sections = sections.split(",")
+    counts = [int(s) for s in (sections if isinstance(sections, (tuple, list)) else [sections])]  # fire: a tuple
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench_memory_"))
     base.mkdir(parents=True, exist_ok=True)
     root = base / "bundle"

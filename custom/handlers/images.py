@@ -166,10 +166,10 @@ class PredictionOverlays:
         output_transform: Callable = from_engine(["image", "label", "pred"]),
         ignore_index: Optional[int] = None,
     ) -> None:
-        self.ignore_index = ignore_index
         self.output_dir = output_dir
         self.max_images = max_images
         self.num_classes = num_classes
+        self.ignore_index = ignore_index
         self.output_transform = output_transform
         self.mlflow = MLflowRun()
         self.saved: List[str] = []

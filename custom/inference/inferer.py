@@ -25,7 +25,8 @@ class WindowRunner:
 
     Runs under ``torch.inference_mode`` with the autocast dtype (``None``: fp32) and, with
     ``channels_last``, the windows in channels-last layout (the layout the prepared network's weights have).
-    ``count(n)`` is told the number of windows of each call.
+    ``count(n)`` is told the number of windows of each call. ``autocast(device_type)`` is the autocast
+    context of the calls, to be entered also around many calls (its weight casts are then cached).
     """
 
     def __init__(self, network: Callable[..., torch.Tensor], dtype: Optional[torch.dtype], channels_last: bool,
@@ -35,11 +36,14 @@ class WindowRunner:
         self.channels_last = channels_last
         self.count = count
 
+    def autocast(self, device_type: str):
+        """``torch.autocast`` in the runner's dtype on ``device_type``, or a no-op context for fp32."""
+        return torch.autocast(device_type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.count is not None:
             self.count(int(x.shape[0]))
-        cast = torch.autocast(x.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
-        with torch.inference_mode(), cast:
+        with torch.inference_mode(), self.autocast(x.device.type):
             if self.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = self.network(x, *args, **kwargs)
@@ -181,9 +185,7 @@ class SliceWiseInferer(Inferer):
         run = self.runner(network, x.device)
         # one autocast context for the whole input: autocast caches its casts of the weights until the
         # outermost context exits, so they are cast once, not at every network call
-        dev_type = torch.device(self.window["sw_device"] or x.device).type
-        cast = torch.autocast(dev_type, dtype=run.dtype) if run.dtype is not None else nullcontext()
-        with cast:
+        with run.autocast(torch.device(self.window["sw_device"] or x.device).type):
             if spatial == 2:
                 inferer = SlidingWindowInferer(**self._settings(self._roi(x.shape[2:])))
                 return self._activate(inferer(x, run, *args, **kwargs))
